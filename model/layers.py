@@ -1,0 +1,137 @@
+"""The stateless-weight parts of a layer: recurrence mixer, feed-forward, working memory."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.scan import affine_scan
+
+
+def float32_or_wider(x: torch.Tensor) -> torch.dtype:
+    """The dtype for recurrence and memory math: float32 under AMP, float64 when the model is float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def inverse_sigmoid(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+class AffineScan(nn.Module):
+    """Gated diagonal recurrence h_t = a_t * h_{t-1} + (1 - a_t) * x_t, with a_t, x_t from the input only."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.gate_form = config.gate
+        self.in_proj = nn.Linear(d, 3 * d, bias=False)  # -> gate pre-activation, input, output gate
+        self.out_proj = nn.Linear(d, d, bias=False)
+        # Per-channel retention between 0.9 and 0.999: a spread of time scales from ~10 to ~1000 bytes.
+        retention = 1.0 - torch.logspace(-1, -3, d)
+        bias = inverse_sigmoid(retention) if self.gate_form == "sigmoid" else -inverse_sigmoid(retention)
+        self.gate_bias = nn.Parameter(bias)
+
+    def retention(self, gate_pre: torch.Tensor) -> torch.Tensor:
+        z = gate_pre + self.gate_bias
+        return torch.sigmoid(z) if self.gate_form == "sigmoid" else torch.exp(-F.softplus(z))
+
+    def forward(self, u: torch.Tensor, carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (b, T, d), carry: (b, d) -> y: (b, T, d), new carry (b, d), both in float32 or wider."""
+        gate_pre, x, out_gate = self.in_proj(u).chunk(3, dim=-1)
+        wide = float32_or_wider(u)
+        a = self.retention(gate_pre.to(wide))
+        h = affine_scan(a, (1.0 - a) * x.to(wide), carry.to(wide))
+        y = self.out_proj((h.to(u.dtype)) * F.silu(out_gate))
+        return y, h[:, -1]
+
+
+class DenseFeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.ff_mult * config.d_model
+        self.up = nn.Linear(config.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class MixtureFeedForward(nn.Module):
+    """Two half-width experts mixed by a soft router: same parameters as dense, input-dependent."""
+
+    def __init__(self, config: ModelConfig, n_experts: int = 2) -> None:
+        super().__init__()
+        hidden = config.ff_mult * config.d_model // n_experts
+        self.router = nn.Linear(config.d_model, n_experts, bias=False)
+        self.up = nn.Linear(config.d_model, n_experts * hidden, bias=False)
+        self.down = nn.Linear(n_experts * hidden, config.d_model, bias=False)
+        self.n_experts, self.hidden = n_experts, hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.router(x), dim=-1)  # (b, T, e)
+        h = F.gelu(self.up(x)).unflatten(-1, (self.n_experts, self.hidden)) * weights[..., None]
+        return self.down(h.flatten(-2))
+
+
+def feed_forward(config: ModelConfig) -> nn.Module:
+    return MixtureFeedForward(config) if config.ff_type == "mixture" else DenseFeedForward(config)
+
+
+class WorkingMemory(nn.Module):
+    """One shared causal sliding-window attention (window W) with a ring-buffer cache in the FastState.
+
+    No positional encoding: the recurrence below it already encodes order. Attention itself runs
+    through torch's scaled_dot_product_attention.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.window = config.n_heads, config.window
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (b, T, d) -> (b, h, T, d/h)
+
+    def forward(self, u: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                cache_pos: torch.Tensor, pos: torch.Tensor, fresh: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u: (b, T, d); cache_k/v: (b, W, d); cache_pos: (b, W) absolute positions (-1 empty);
+        pos: (b,) position of u[:, 0]; fresh: every row starts at position 0 with an empty cache.
+        Returns the output (b, T, d) and the updated cache."""
+        length = u.shape[1]
+        q, k, v = self.qkv(u).chunk(3, dim=-1)
+        query_pos = pos[:, None] + torch.arange(length, device=u.device)  # (b, T)
+        if fresh:
+            i = torch.arange(length, device=u.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
+            keys, vals = k, v
+        else:
+            keys = torch.cat([cache_k.to(k.dtype), k], dim=1)
+            vals = torch.cat([cache_v.to(v.dtype), v], dim=1)
+            key_pos = torch.cat([cache_pos, query_pos], dim=1)[:, None, :]  # (b, 1, W+T)
+            qp = query_pos[:, :, None]
+            mask = ((key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - self.window))[:, None]
+        attended = F.scaled_dot_product_attention(self._heads(q), self._heads(keys), self._heads(vals),
+                                                  attn_mask=mask)
+        out = self.out(attended.transpose(1, 2).flatten(-2))
+
+        keep = min(length, self.window)
+        slot = (query_pos[:, -keep:] % self.window)
+        index = slot[..., None].expand(-1, -1, k.shape[-1])
+        cache_k = cache_k.scatter(1, index, k[:, -keep:].to(cache_k.dtype))
+        cache_v = cache_v.scatter(1, index, v[:, -keep:].to(cache_v.dtype))
+        cache_pos = cache_pos.scatter(1, slot, query_pos[:, -keep:])
+        return out, cache_k, cache_v, cache_pos
+
+
+def init_weights(module: nn.Module, n_layers: int) -> None:
+    """GPT-2 style: N(0, 0.02), residual output projections scaled down by depth."""
+    for name, parameter in module.named_parameters():
+        if parameter.dim() == 2 and "neuromodulator" not in name:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out_proj.weight", "down.weight", "out.weight")) else 0.02
+            nn.init.normal_(parameter, mean=0.0, std=std)

@@ -1,0 +1,209 @@
+"""ReverieLM: the byte-level Brain-Core v2 network, with its fast state passed in and returned.
+
+Structure: embedding -> B blocks, each of L layers (recurrence + procedural memory, then
+feed-forward) closed by the block's episodic memory; the one shared working-memory attention
+follows block 0; a final norm and the tied byte head. Every forward takes a FastState and
+returns the next one: `model(tokens, state)` on a whole sequence and `model.step(byte, state)`
+one byte at a time give the same logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.fast_state import FastState
+from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
+from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace, run_over_spans, span_segments
+
+
+@dataclass
+class LayerState:
+    carry: torch.Tensor  # (b, d)
+    slots: Slots
+    trace: Trace
+    writes: torch.Tensor  # (b,)
+
+
+class Layer(nn.Module):
+    """x += scan(x) + PM(x); x += FF(x). PM reads the layer input and stores what the scan produced."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.mix_norm = nn.RMSNorm(config.d_model)
+        self.mixer = AffineScan(config)
+        self.procedural = ProceduralMemory(config.pm_decay, config.pm_budget)
+        self.ff_norm = nn.RMSNorm(config.d_model)
+        self.ff = feed_forward(config)
+        self.span = config.span
+
+    def forward(self, x: torch.Tensor, state: LayerState, segments, learn: bool
+                ) -> tuple[torch.Tensor, LayerState]:
+        u = self.mix_norm(x)
+        y, carry = self.mixer(u, state.carry)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
+            wide = float32_or_wider(u)
+            queries = F.normalize(u.to(wide), dim=-1)
+            reads, slots, trace, writes = run_over_spans(self.procedural, queries, y.to(wide), state.slots,
+                                                         state.trace, segments, self.span, learn)
+        x = x + y + reads.to(x.dtype)
+        x = x + self.ff(self.ff_norm(x))
+        return x, LayerState(carry, slots, trace, state.writes + writes)
+
+
+class Block(nn.Module):
+    """L layers, then the block's episodic memory."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.layers_per_block))
+        self.em_norm = nn.RMSNorm(config.d_model)
+        self.episodic = EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)
+        self.span = config.span
+
+    def recall(self, x: torch.Tensor, slots: Slots, trace: Trace, segments, learn: bool):
+        """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x), new slots, trace, writes."""
+        u = self.em_norm(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            wide = float32_or_wider(u)
+            queries = self.episodic.queries(u.to(wide))
+            reads, slots, trace, writes = run_over_spans(self.episodic, queries, u.to(wide), slots, trace,
+                                                         segments, self.span, learn)
+        return x + reads.to(x.dtype), slots, trace, writes
+
+
+class ReverieLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.wm_norm = nn.RMSNorm(config.d_model)
+        self.working_memory = WorkingMemory(config)
+        self.final_norm = nn.RMSNorm(config.d_model)
+        init_weights(self, config.n_layers)
+        self.last_metrics: dict[str, float] = {}
+
+    # --- sizes ---------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_params(self, active_layers: int) -> int:
+        """Parameters used by a forward that runs the first `active_layers` layers (early exit)."""
+        count = self.embed.weight.numel() + sum(p.numel() for p in self.final_norm.parameters())
+        remaining = active_layers
+        for index, block in enumerate(self.blocks):
+            ran = block.layers[:remaining]
+            count += sum(p.numel() for layer in ran for p in layer.parameters())
+            remaining -= len(ran)
+            if len(ran) == len(block.layers):
+                count += sum(p.numel() for n, p in block.named_parameters() if not n.startswith("layers."))
+                if index == 0:
+                    count += sum(p.numel() for m in (self.wm_norm, self.working_memory) for p in m.parameters())
+        return count
+
+    # --- forward -------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of byte values, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+            raise TypeError(f"tokens must be an integer tensor of byte values, got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape (batch, length) with length >= 1, got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{tokens.shape[1]} bytes exceed max_seq_len={self.config.max_seq_len}; "
+                             f"feed longer input in chunks, carrying the FastState between them")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > 255):
+            raise ValueError(f"tokens must be byte values 0..255, got range "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def forward(self, tokens: torch.Tensor, state: FastState | None = None, *, learn: bool = True,
+                active_layers: int | None = None) -> tuple[torch.Tensor, FastState]:
+        """tokens: (b, T) bytes; state: FastState for b users (None = empty).
+
+        learn=False reads fast memory but writes none. active_layers < n_layers exits early
+        through the shared head; skipped layers and memories keep their state.
+        Returns logits (b, T, 256) and the new FastState.
+        """
+        self._check_tokens(tokens)
+        tokens = tokens.long()
+        batch, length = tokens.shape
+        if state is None:
+            state = FastState.empty(self.config, batch, device=tokens.device)
+        elif state.batch_size != batch:
+            raise ValueError(f"FastState holds {state.batch_size} users but tokens have batch {batch}")
+        phases = state.pos % self.config.span
+        if batch > 1 and bool((phases != phases[0]).any()):
+            # Users at different offsets inside a span: run each alone so spans stay aligned.
+            results = [self.forward(tokens[i:i + 1], state.rows(slice(i, i + 1)), learn=learn,
+                                    active_layers=active_layers) for i in range(batch)]
+            return torch.cat([r[0] for r in results]), FastState.cat([r[1] for r in results])
+        started = time.perf_counter()
+        active = self.config.n_layers if active_layers is None else active_layers
+        if not 1 <= active <= self.config.n_layers:
+            raise ValueError(f"active_layers must be in 1..{self.config.n_layers}, got {active}")
+        logits, new_state = self._run(tokens, state, learn, active, int(phases[0]))
+        self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
+                             "latency_ms": (time.perf_counter() - started) * 1000.0,
+                             "complexity": self.last_metrics.get("complexity", float("nan"))}
+        return logits, new_state
+
+    def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int, phase: int
+             ) -> tuple[torch.Tensor, FastState]:
+        segments = span_segments(phase, tokens.shape[1], self.config.span)
+        new = state.tensors().copy()
+        new["scan_h"], new["pm_k"], new["pm_v"], new["pm_s"] = (state.scan_h.clone(), state.pm_k.clone(),
+                                                                state.pm_v.clone(), state.pm_s.clone())
+        new["pm_elig_k"], new["pm_elig_v"] = state.pm_elig_k.clone(), state.pm_elig_v.clone()
+        for name in ("em_k", "em_v", "em_s", "em_elig_k", "em_elig_v"):
+            new[name] = getattr(state, name).clone()
+        writes = state.writes
+        x = self.embed(tokens)
+        index = 0
+        for b, block in enumerate(self.blocks):
+            for layer in block.layers:
+                if index == active:
+                    break
+                layer_state = LayerState(state.scan_h[:, index],
+                                         Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
+                                         Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
+                x, layer_state = layer(x, layer_state, segments, learn)
+                writes = layer_state.writes
+                new["scan_h"][:, index] = layer_state.carry
+                new["pm_k"][:, index], new["pm_v"][:, index], new["pm_s"][:, index] = layer_state.slots
+                new["pm_elig_k"][:, index], new["pm_elig_v"][:, index] = layer_state.trace
+                index += 1
+            else:
+                x, slots, trace, em_writes = block.recall(
+                    x, Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b]),
+                    Trace(state.em_elig_k[:, b], state.em_elig_v[:, b]), segments, learn)
+                writes = writes + em_writes
+                new["em_k"][:, b], new["em_v"][:, b], new["em_s"][:, b] = slots
+                new["em_elig_k"][:, b], new["em_elig_v"][:, b] = trace
+                if b == 0:
+                    fresh = not bool(state.pos.any())
+                    out, new["wm_k"], new["wm_v"], new["wm_pos"] = self.working_memory(
+                        self.wm_norm(x), state.wm_k, state.wm_v, state.wm_pos, state.pos, fresh)
+                    x = x + out
+                continue
+            break
+        logits = F.linear(self.final_norm(x), self.embed.weight)
+        new["pos"], new["writes"] = state.pos + tokens.shape[1], writes
+        return logits, FastState(**new)
+
+    @torch.no_grad()
+    def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True
+             ) -> tuple[torch.Tensor, FastState]:
+        """One byte per user: byte (b,) -> logits (b, 256), next state."""
+        logits, state = self.forward(byte[:, None], state, learn=learn)
+        return logits[:, 0], state
+
+
+def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in bits. logits (b, T, 256), targets (b, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / torch.log(torch.tensor(2.0))
