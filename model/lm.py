@@ -19,7 +19,8 @@ from torch import nn
 from model.config import ModelConfig
 from model.fast_state import FastState
 from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
-from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace, run_over_spans, span_segments
+from model.memory import (EpisodicMemory, ProceduralMemory, Segment, Slots, Trace, run_over_spans,
+                          span_segments)
 
 
 @dataclass
@@ -138,7 +139,8 @@ class ReverieLM(nn.Module):
         elif state.batch_size != batch:
             raise ValueError(f"FastState holds {state.batch_size} users but tokens have batch {batch}")
         phases = state.pos % self.config.span
-        if batch > 1 and bool((phases != phases[0]).any()):
+        aligned = batch == 1 or not bool((phases != phases[0]).any())
+        if not aligned and length > 1:
             # Users at different offsets inside a span: run each alone so spans stay aligned.
             results = [self.forward(tokens[i:i + 1], state.rows(slice(i, i + 1)), learn=learn,
                                     active_layers=active_layers) for i in range(batch)]
@@ -147,15 +149,18 @@ class ReverieLM(nn.Module):
         active = self.config.n_layers if active_layers is None else active_layers
         if not 1 <= active <= self.config.n_layers:
             raise ValueError(f"active_layers must be in 1..{self.config.n_layers}, got {active}")
-        logits, new_state = self._run(tokens, state, learn, active, int(phases[0]))
+        if aligned:
+            segments = span_segments(int(phases[0]), length, self.config.span)
+        else:  # one byte per user: each user's span may or may not end here
+            segments = [Segment(0, 1, closes_span=(phases + 1) == self.config.span)]
+        logits, new_state = self._run(tokens, state, learn, active, segments)
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": self.last_metrics.get("complexity", float("nan"))}
         return logits, new_state
 
-    def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int, phase: int
-             ) -> tuple[torch.Tensor, FastState]:
-        segments = span_segments(phase, tokens.shape[1], self.config.span)
+    def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
+             segments: list[Segment]) -> tuple[torch.Tensor, FastState]:
         new = state.tensors().copy()
         new["scan_h"], new["pm_k"], new["pm_v"], new["pm_s"] = (state.scan_h.clone(), state.pm_k.clone(),
                                                                 state.pm_v.clone(), state.pm_s.clone())

@@ -36,7 +36,7 @@ class Trace(NamedTuple):
 class Segment(NamedTuple):
     start: int
     stop: int
-    closes_span: bool
+    closes_span: bool | torch.Tensor  # a (b,) bool tensor when users sit at different span offsets
 
 
 def span_segments(phase: int, length: int, span: int) -> list[Segment]:
@@ -142,11 +142,12 @@ class EpisodicMemory(SlotMemory):
 
     def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         scores = torch.einsum("btd,bmd->btm", queries, slots.keys)
-        used = (slots.strengths > 0)[:, None, :]
-        scores = scores.masked_fill(~used, float("-inf"))
+        used = (slots.strengths > 0)[:, None, :].expand_as(scores)
+        # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
+        scores = scores.masked_fill(~used, -1e4)
         top_scores, top_index = scores.topk(self.topk, dim=-1)
         weights = torch.softmax(top_scores * self.log_temperature.exp(), dim=-1)
-        weights = torch.nan_to_num(weights, nan=0.0)  # a row with no used slot reads nothing
+        weights = weights * used.gather(-1, top_index)  # empty slots contribute nothing
         dense = torch.zeros_like(scores).scatter(-1, top_index, weights)
         return torch.einsum("btm,bmd->btd", dense, slots.values)
 
@@ -170,8 +171,20 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         if not learn:
             continue
         trace = Trace(trace.keys + queries[:, part].sum(1), trace.values + values[:, part].sum(1))
-        if segment.closes_span:
-            slots, wrote = memory.write(slots, trace, span)
-            writes = writes + wrote
-            trace = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
+        closes = segment.closes_span
+        if closes is False:
+            continue
+        written, wrote = memory.write(slots, trace, span)
+        empty = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
+        if closes is True:
+            slots, trace, writes = written, empty, writes + wrote
+        else:  # only the users whose span ends here
+            slots = Slots(*(_where_rows(closes, new, old) for new, old in zip(written, slots)))
+            trace = Trace(*(_where_rows(closes, new, old) for new, old in zip(empty, trace)))
+            writes = writes + wrote * closes
     return torch.cat(reads, dim=1), slots, trace, writes
+
+
+def _where_rows(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """rows (b,) bool -> `new` in those rows, `old` elsewhere."""
+    return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)

@@ -1,0 +1,109 @@
+"""Sampling bytes with online fast-memory writes, one user or a batch of users at once."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.fast_state import FastState
+from model.lm import ReverieLM
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_bytes: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    learn: bool = True  # write fast memory while reading the prompt and the reply
+    stop_byte: int | None = None  # end a reply early at this byte (e.g. ord("\n"))
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_new_bytes <= 4096:
+            raise ValueError(f"max_new_bytes must be in 0..4096, got {self.max_new_bytes}")
+        if not 0.0 <= self.temperature <= 10.0 or math.isnan(self.temperature):
+            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
+
+
+@dataclass
+class Generation:
+    response: bytes
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (b, 256) -> bytes (b,)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _prefill(model: ReverieLM, prompt: bytes, state: FastState, learn: bool
+             ) -> tuple[torch.Tensor, FastState, float]:
+    """Read one user's prompt in chunks of max_seq_len: last logits (256,), state, surprise in bits/byte."""
+    device = state.pos.device
+    tokens = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
+    nll, counted, logits = 0.0, 0, None
+    for start in range(0, tokens.shape[1], model.config.max_seq_len):
+        chunk = tokens[:, start:start + model.config.max_seq_len]
+        if logits is not None:  # the previous chunk's last position predicts this chunk's first byte
+            nll -= float(torch.log_softmax(logits.float(), -1)[chunk[0, 0]])
+            counted += 1
+        out, state = model(chunk, state, learn=learn)
+        log_probs = torch.log_softmax(out[0, :-1].float(), dim=-1)
+        nll -= float(log_probs.gather(-1, chunk[0, 1:, None]).sum())
+        counted += chunk.shape[1] - 1
+        logits = out[0, -1]
+    return logits, state, (nll / counted / math.log(2)) if counted else 0.0
+
+
+@torch.no_grad()
+def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, config: GenerationConfig
+                   ) -> tuple[list[Generation], FastState]:
+    """One reply per user. Prompts are read user by user; replies are decoded for all users together."""
+    if len(prompts) != state.batch_size:
+        raise ValueError(f"{len(prompts)} prompts for a FastState of {state.batch_size} users")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one byte")
+    started = time.perf_counter()
+    generator = torch.Generator(device=state.pos.device).manual_seed(config.seed) if config.seed is not None else None
+    writes_before = state.writes.clone()
+    rows, last_logits, surprises = [], [], []
+    for i, prompt in enumerate(prompts):
+        logits, row, surprise = _prefill(model, prompt, state.rows(slice(i, i + 1)), config.learn)
+        rows.append(row)
+        last_logits.append(logits)
+        surprises.append(surprise)
+    state = FastState.cat(rows)
+    logits = torch.stack(last_logits)
+    replies = [bytearray() for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(config.max_new_bytes):
+        byte = _sample(logits, config.temperature, generator)
+        for i, value in enumerate(byte.tolist()):
+            if not done[i]:
+                replies[i].append(value)
+                done[i] = config.stop_byte is not None and value == config.stop_byte
+        if bool(done.all()):
+            break
+        logits, state = model.step(byte, state, learn=config.learn)
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    writes = (state.writes - writes_before).tolist()
+    results = [Generation(bytes(reply), {"active_params": model.last_metrics.get("active_params", model.num_params()),
+                                         "latency_ms": elapsed_ms,
+                                         "complexity": model.last_metrics.get("complexity", float("nan")),
+                                         "memory_writes": int(writes[i]), "surprise_bits": surprises[i]})
+               for i, reply in enumerate(replies)]
+    return results, state
+
+
+def generate(model: ReverieLM, prompt: bytes, state: FastState | None = None,
+             config: GenerationConfig = GenerationConfig()) -> tuple[Generation, FastState]:
+    """One user's reply; `state` carries what the model learned about this user so far."""
+    device = next(model.parameters()).device
+    state = FastState.empty(model.config, 1, device=device) if state is None else state
+    results, state = generate_batch(model, [prompt], state, config)
+    return results[0], state

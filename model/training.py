@@ -1,0 +1,123 @@
+"""Training the slow weights on a byte corpus: AdamW, cosine schedule, AMP on GPU, optional compile."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from model.corpus import Corpus, as_tensor, random_batch, sequential_batches
+from model.lm import ReverieLM, bits_per_byte
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    device: str = "auto"  # "auto" = cuda when available
+    amp: bool = True  # bf16 autocast on GPU; memory math stays float32 inside the model
+    compile: bool = False
+    eval_batches: int = 8
+    seed: int = 0
+    progress: bool = True
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss_bpb: float
+    heldout_bpb: float
+    bytes_per_s: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: ReverieLM, config: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not norms, biases, gains)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_bpb(model: ReverieLM, data: bytes, seq_len: int, batch_size: int = 8,
+                 max_batches: int | None = 8, amp: bool = True) -> float:
+    """Held-out bits per byte, each sequence starting from an empty fast state."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in sequential_batches(as_tensor(data), batch_size, seq_len, max_batches):
+        with autocast(device, amp):
+            logits, _ = model(inputs.to(device))
+        total += float(bits_per_byte(logits, targets.to(device))) * targets.numel()
+        count += targets.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError(f"held-out data ({len(data)} bytes) is shorter than one sequence of {seq_len + 1}")
+    return total / count
+
+
+def train(model: ReverieLM, corpus: Corpus, config: TrainConfig) -> TrainResult:
+    """Train `model` in place on corpus.train; report held-out bits per byte at the end."""
+    device = config.resolved_device()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(config.seed)
+    data = as_tensor(corpus.train)
+    optimizer = make_optimizer(model, config)
+    forward = torch.compile(model) if config.compile else model
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="train", unit="step", disable=not config.progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        inputs, targets = random_batch(data, config.batch_size, config.seq_len, generator)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, config.amp):
+            logits, _ = forward(inputs)
+            loss = bits_per_byte(logits, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --compile")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if step % 10 == 0 or step == config.steps - 1:
+            losses.append(loss.item())
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(bpb=f"{losses[-1]:.3f}",
+                            bytes_s=f"{(step + 1) * config.batch_size * config.seq_len / elapsed:,.0f}")
+    seconds = time.perf_counter() - started
+    heldout = evaluate_bpb(model, corpus.heldout, config.seq_len, config.batch_size,
+                           config.eval_batches, config.amp)
+    return TrainResult(steps=config.steps, final_loss_bpb=losses[-1] if losses else float("nan"),
+                       heldout_bpb=heldout, bytes_per_s=config.steps * config.batch_size * config.seq_len / seconds,
+                       seconds=seconds, losses=losses)
