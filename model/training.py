@@ -121,3 +121,11 @@ def train(model: ReverieLM, corpus: Corpus, config: TrainConfig) -> TrainResult:
     return TrainResult(steps=config.steps, final_loss_bpb=losses[-1] if losses else float("nan"),
                        heldout_bpb=heldout, bytes_per_s=config.steps * config.batch_size * config.seq_len / seconds,
                        seconds=seconds, losses=losses)
+
+
+# Training defaults that go with each model preset (steps sized for the machine each one targets).
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3),
+    "small": TrainConfig(steps=2000, batch_size=16, seq_len=512, lr=1.5e-3, warmup=100),
+    "base": TrainConfig(steps=5000, batch_size=16, seq_len=2048, lr=6e-4, warmup=200),
+}

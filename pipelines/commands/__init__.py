@@ -1,0 +1,1 @@
+"""Subcommands of `reverie`, one module each."""
