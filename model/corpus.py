@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,10 @@ def embedded_documents() -> list[str]:
     from pydoc_data.topics import topics  # noqa: PLC0415 - part of the standard library
 
     documents = [topics[key] for key in sorted(topics)]
-    for module_name in STDLIB_MODULES:
-        documents.extend(_docstrings(module_name))
+    with warnings.catch_warnings():  # some modules warn about deprecated members as we read them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module_name in STDLIB_MODULES:
+            documents.extend(_docstrings(module_name))
     return documents
 
 

@@ -1,0 +1,38 @@
+"""The `reverie` command as a new user runs it: train, then talk as one user across calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def reverie(*args: str, cwd, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_generate_keeps_the_users_fast_memory_between_calls(tmp_path):
+    env = {**os.environ, "REVERIE_DATA": str(tmp_path / "data")}
+    trained = reverie("train", "--preset", "tiny", "--steps", "20", "--no-progress", cwd=tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr
+    sidecar = json.loads((tmp_path / "data" / "train" / "tiny.json").read_text())
+    assert 0 < sidecar["heldout_bpb"] < 8.0
+    assert "held-out bits per byte" in trained.stdout
+
+    first = reverie("generate", "--user", "alice", "My door code is 4711.", "--max-new-bytes", "8",
+                    cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    state_file = tmp_path / "data" / "users" / "alice.safetensors"
+    assert state_file.exists()
+    second = reverie("generate", "--user", "alice", "The code is", "--max-new-bytes", "8", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "memory_writes" in second.stdout
+
+
+def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
+    env = {**os.environ, "REVERIE_DATA": str(tmp_path / "empty")}
+    result = reverie("generate", "--user", "bob", "hi", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "reverie train" in result.stderr

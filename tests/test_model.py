@@ -1,0 +1,259 @@
+"""Specifications of ReverieLM, its scan, its FastState and its checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ModelConfig, preset
+from model.corpus import Corpus, embedded_corpus
+from model.fast_state import FastState
+from model.generate import GenerationConfig, generate_batch
+from model.lm import ReverieLM
+from model.scan import affine_scan, affine_scan_reference
+from model.session import Session
+from model.training import TrainConfig, train
+
+TINY = preset("tiny")
+
+
+@pytest.fixture
+def tiny_model() -> ReverieLM:
+    torch.manual_seed(0)
+    return ReverieLM(TINY).eval()
+
+
+@pytest.fixture
+def tiny_model_f64() -> ReverieLM:
+    torch.manual_seed(0)
+    return ReverieLM(TINY).double().eval()
+
+
+def random_bytes(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the scan -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 7, 64, 300])
+def test_parallel_scan_matches_sequential_reference_in_float64(length):
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(3, length, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(3, length, 5, generator=g, dtype=torch.float64)
+    h0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(affine_scan(a, b, h0), affine_scan_reference(a, b, h0), rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_scan_is_causal():
+    g = torch.Generator().manual_seed(1)
+    a, b, h0 = torch.rand(1, 50, 4, generator=g), torch.randn(1, 50, 4, generator=g), torch.zeros(1, 4)
+    before = affine_scan(a, b, h0)
+    b2 = b.clone()
+    b2[:, 30] += 5.0
+    after = affine_scan(a, b2, h0)
+    assert torch.equal(before[:, :30], after[:, :30])
+    assert not torch.equal(before[:, 30:], after[:, 30:])
+
+
+def test_model_is_causal(tiny_model):
+    tokens = random_bytes(1, 100)
+    changed = tokens.clone()
+    changed[0, 60] = (changed[0, 60] + 1) % 256
+    logits, _ = tiny_model(tokens)
+    logits2, _ = tiny_model(changed)
+    assert torch.equal(logits[:, :60], logits2[:, :60])
+    assert not torch.allclose(logits[:, 60:], logits2[:, 60:])
+
+
+# --- stepping vs parallel -----------------------------------------------------------------------
+def test_step_by_step_logits_equal_parallel_forward(tiny_model_f64):
+    tokens = random_bytes(2, 3 * TINY.span + 5)
+    parallel, final = tiny_model_f64(tokens, FastState.empty(TINY, 2, dtype=torch.float64))
+    state = FastState.empty(TINY, 2, dtype=torch.float64)
+    stepped = []
+    for t in range(tokens.shape[1]):
+        logits, state = tiny_model_f64.step(tokens[:, t], state)
+        stepped.append(logits)
+    torch.testing.assert_close(torch.stack(stepped, 1), parallel, rtol=1e-9, atol=1e-9)
+    for name, tensor in final.tensors().items():
+        torch.testing.assert_close(getattr(state, name), tensor, rtol=1e-9, atol=1e-9, msg=name)
+    assert int(final.writes.min()) > 0, "three spans must have written fast memory"
+
+
+def test_forward_in_chunks_equals_one_forward(tiny_model_f64):
+    tokens = random_bytes(1, 100)
+    whole, _ = tiny_model_f64(tokens, FastState.empty(TINY, 1, dtype=torch.float64))
+    state = FastState.empty(TINY, 1, dtype=torch.float64)
+    parts = []
+    for start, stop in [(0, 13), (13, 40), (40, 41), (41, 100)]:
+        logits, state = tiny_model_f64(tokens[:, start:stop], state)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-9, atol=1e-9)
+
+
+def test_batched_decoding_of_users_at_different_offsets_equals_decoding_each_alone(tiny_model_f64):
+    prompts = [bytes(random_bytes(1, 5, seed=1)[0].tolist()), bytes(random_bytes(1, 23, seed=2)[0].tolist())]
+    config = GenerationConfig(max_new_bytes=2 * TINY.span, temperature=0.0)
+    empty = FastState.empty(TINY, 2, dtype=torch.float64)
+    together, state = generate_batch(tiny_model_f64, prompts, empty, config)
+    for i, prompt in enumerate(prompts):
+        alone, alone_state = generate_batch(tiny_model_f64, [prompt], empty.rows(slice(i, i + 1)), config)
+        assert alone[0].response == together[i].response
+        torch.testing.assert_close(alone_state.pm_s, state.rows(slice(i, i + 1)).pm_s)
+
+
+# --- fast memory --------------------------------------------------------------------------------
+def test_fast_memory_write_changes_later_predictions(tiny_model):
+    lesson, probe = random_bytes(1, 4 * TINY.span, seed=3), random_bytes(1, 20, seed=4)
+    _, taught = tiny_model(lesson, learn=True)
+    assert int(taught.writes) > 0
+    without_memories = taught.clone()
+    without_memories.pm_s.zero_()
+    without_memories.em_s.zero_()
+    with_memory, _ = tiny_model(probe, taught, learn=False)
+    without, _ = tiny_model(probe, without_memories, learn=False)
+    assert (with_memory - without).abs().max() > 1e-4
+
+
+def test_learn_off_reads_but_never_writes(tiny_model):
+    _, state = tiny_model(random_bytes(1, 4 * TINY.span), learn=False)
+    assert int(state.writes) == 0
+    assert float(state.pm_s.sum()) == 0.0 and float(state.em_s.sum()) == 0.0
+
+
+def test_reset_restores_baseline_outputs_exactly(tiny_model):
+    probe = random_bytes(1, 30, seed=5)
+    baseline, _ = tiny_model(probe)
+    session = Session(tiny_model)
+    session.reply(bytes(random_bytes(1, 3 * TINY.span, seed=6)[0].tolist()),
+                  GenerationConfig(max_new_bytes=10, seed=0))
+    taught, _ = tiny_model(probe, session.state)
+    assert not torch.equal(taught, baseline)
+    session.reset()
+    after_reset, _ = tiny_model(probe, session.state)
+    assert torch.equal(after_reset, baseline)
+
+
+def test_snapshot_then_apply_resumes_exactly(tiny_model):
+    session = Session(tiny_model)
+    session.reply(b"remember: the door code is 4711. ", GenerationConfig(max_new_bytes=4, seed=0))
+    snapshot = session.snapshot()
+    probe = random_bytes(1, 10)
+    expected, _ = tiny_model(probe, snapshot)
+    session.reset()
+    session.apply(snapshot)
+    got, _ = tiny_model(probe, session.state)
+    assert torch.equal(got, expected)
+
+
+def test_make_permanent_hands_the_state_to_the_hook_and_resets(tiny_model):
+    session = Session(tiny_model)
+    session.reply(b"a fact worth keeping", GenerationConfig(max_new_bytes=2, seed=0))
+    received = []
+    session.make_permanent(lambda model, state: received.append(state))
+    assert int(received[0].pos) > 0
+    assert int(session.state.pos) == 0
+
+
+def test_fast_state_roundtrips_through_safetensors_bit_exactly(tiny_model, tmp_path):
+    _, state = tiny_model(random_bytes(2, 70))
+    path = tmp_path / "state.safetensors"
+    state.save(path, TINY)
+    loaded = FastState.load(path, TINY)
+    for name, tensor in state.tensors().items():
+        assert torch.equal(getattr(loaded, name), tensor), name
+
+
+def test_fast_state_size_does_not_grow_with_bytes_seen(tiny_model):
+    _, short = tiny_model(random_bytes(1, 10))
+    state = FastState.empty(TINY, 1)
+    for seed in range(5):
+        _, state = tiny_model(random_bytes(1, TINY.max_seq_len, seed=seed), state)
+    assert state.nbytes == short.nbytes == FastState.empty(TINY, 1).nbytes
+    assert len(state.to_bytes(TINY)) == len(short.to_bytes(TINY))
+
+
+def test_soft_reset_decays_memory_strengths(tiny_model):
+    _, state = tiny_model(random_bytes(1, 3 * TINY.span))
+    decayed = state.soft_reset(0.5)
+    torch.testing.assert_close(decayed.pm_s, state.pm_s * 0.5)
+    torch.testing.assert_close(decayed.em_s, state.em_s * 0.5)
+
+
+# --- early exit ---------------------------------------------------------------------------------
+def test_fewer_active_layers_means_fewer_active_params(tiny_model):
+    tokens = random_bytes(1, 20)
+    tiny_model(tokens, active_layers=1)
+    shallow = tiny_model.last_metrics["active_params"]
+    full_logits, _ = tiny_model(tokens, active_layers=TINY.n_layers)
+    assert shallow < tiny_model.last_metrics["active_params"] == tiny_model.num_params()
+    assert torch.equal(full_logits, tiny_model(tokens)[0])
+
+
+# --- training -----------------------------------------------------------------------------------
+def test_tiny_model_loss_falls_on_tiny_corpus():
+    torch.manual_seed(0)
+    corpus = Corpus.split([embedded_corpus().train[:20_000]])
+    model = ReverieLM(TINY)
+    result = train(model, corpus, TrainConfig(steps=40, batch_size=8, seq_len=64, progress=False, eval_batches=2))
+    assert result.losses[-1] < result.losses[0] - 1.0
+    assert result.heldout_bpb < 7.0
+
+
+# --- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens, message", [
+    (torch.zeros(1, 0, dtype=torch.long), "length >= 1"),
+    (torch.zeros(1, 4), "integer tensor"),
+    (torch.zeros(1, TINY.max_seq_len + 1, dtype=torch.long), "exceed max_seq_len"),
+    (torch.full((1, 3), 300), "byte values 0..255"),
+    (torch.zeros(4, dtype=torch.long), "shape (batch, length)"),
+])
+def test_bad_input_raises_an_error_that_says_what_is_wrong(tiny_model, tokens, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_model(tokens)
+
+
+def test_state_for_another_batch_size_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="holds 2 users"):
+        tiny_model(random_bytes(1, 4), FastState.empty(TINY, 2))
+
+
+def test_fast_state_of_another_config_is_refused(tiny_model):
+    other = dataclasses.replace(TINY, d_model=32, n_heads=2)
+    data = FastState.empty(other, 1).to_bytes(other)
+    with pytest.raises(ValueError, match="expects"):
+        FastState.from_bytes(data, TINY)
+
+
+def test_corrupt_fast_state_is_refused():
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        FastState.from_bytes(b"garbage", TINY)
+
+
+def test_checkpoint_roundtrip(tiny_model, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors", {"step": 3})
+    loaded, info = load_checkpoint(path, expect=TINY)
+    assert info["step"] == 3
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+def test_corrupt_checkpoint_says_so(tiny_model, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_of_another_config_names_the_difference(tiny_model, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    other = dataclasses.replace(TINY, d_model=128)
+    with pytest.raises(CheckpointError, match="d_model=64 vs 128"):
+        load_checkpoint(path, expect=other)
+
+
+def test_invalid_config_lists_its_problems():
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
