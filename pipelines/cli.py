@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,61 @@
+"""The serving engine without Ray: user-state LRU over the store, learn=false, soft reset on promotion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.serving_api import GenerateRequest
+from workers.serving_engine import ServingConfig, ServingEngine
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = ServingEngine(ServingConfig(data_root=str(tmp_path), users_per_replica=1, poll_interval_s=0.0))
+    yield engine
+    engine.close()
+
+
+def turn(user: str, prompt: bytes = b"Remember 7431. ", learn: bool = True) -> GenerateRequest:
+    return GenerateRequest(user, prompt, max_new_bytes=4, temperature=0.0, learn=learn)
+
+
+def state_of(engine: ServingEngine, user: str):
+    return engine.states.get(user, engine.model.config, engine.version, 0.5).state.clone()
+
+
+def test_evicted_state_comes_back_exactly(engine):
+    engine.serve_batch([turn("ann"), turn("ann", b"and 1234")])
+    before = state_of(engine, "ann")
+    engine.serve_batch([turn("bob")])  # capacity 1: ann is evicted
+    assert "ann" not in engine.states
+    loads = engine.states.loads
+    after = state_of(engine, "ann")
+    assert engine.states.loads == loads + 1
+    for name, tensor in before.tensors().items():
+        assert torch.equal(tensor, after.tensors()[name]), name
+
+
+def test_same_user_twice_in_a_batch_is_served_in_order(engine):
+    replies = engine.serve_batch([turn("ann"), turn("ann", b"second")])
+    assert engine.user_info("ann")["turns"] == 2 and all(isinstance(r, dict) for r in replies)
+
+
+def test_learn_false_leaves_the_state_unchanged(engine):
+    engine.serve_batch([turn("ann")])
+    before = engine.user_info("ann")
+    engine.serve_batch([turn("ann", learn=False)])
+    assert engine.user_info("ann") == before
+
+
+def test_promotion_swaps_weights_between_batches_and_soft_resets_states(engine):
+    engine.serve_batch([turn("ann")])
+    strengths = state_of(engine, "ann").em_s.clone()
+    assert strengths.sum() > 0
+    old = engine.version
+    tensors, manifest = engine.registry.load(old)
+    new = engine.registry.save(tensors, {"config": manifest["config"]}, parent=old)
+    engine.registry.promote(new, expected_current=old)
+    reply = engine.serve_batch([turn("ann", learn=False)])[0]
+    assert reply["model_version"] == new
+    assert torch.allclose(state_of(engine, "ann").em_s, strengths * engine.config.soft_reset_keep)
