@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "generate", "serve")
+COMMANDS = ("train", "generate", "serve", "sleep")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,270 @@
+"""Sleep: distill what fast memory knows into weights, without forgetting the old.
+
+Teacher: weights θ plus a user's FastState (what serving ran that day), reading replayed
+material (that user's experience bytes since the last sleep) with plasticity on but writes off.
+Student: weights with fast memory off (an empty FastState, learn=False). The loss is
+
+    replay      hard-target LM loss on the replayed bytes        (what was said)
+    distill     KL(teacher || student) on the same bytes         (what fast memory made of it)
+    rehearsal   LM loss on a sample of older material            (base corpus + earlier experience)
+    anchor      L2 distance to the weights the sleep started from
+
+and every ingredient can be switched off for ablations (`METHODS` are the tested recipes).
+EM items are not bytes and cannot be replayed as text: they act through the teacher, whose
+FastState holds them while it reads the replayed bytes.
+
+Where the result goes (privacy routing) is the caller's decision: a user's own material trains
+that user's personal delta (`personal_delta`), only shareable material trains shared weights.
+Pure torch: no Ray, no Prefect, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.bitdelta import FORMAT as BITDELTA_FORMAT
+from model.bitdelta import BitDelta, compress
+from model.config import ModelConfig
+from model.corpus import as_tensor, random_batch
+from model.fast_state import FastState
+from model.lm import ReverieLM
+
+DENSE_FORMAT = "reverie.dense_delta.v1"
+Weights = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    """One night's recipe. Defaults are sized for the tiny preset on one CPU core (seconds)."""
+
+    steps: int = 60
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 1e-2
+    grad_clip: float = 1.0
+    replay: bool = True  # hard-target LM loss on the replayed bytes
+    distill: bool = True  # KL from the teacher (weights + the user's FastState) on the replay
+    distill_weight: float = 0.5
+    temperature: float = 1.0
+    rehearsal: bool = True  # LM loss on older material
+    rehearsal_weight: float = 1.0
+    anchor: bool = True  # L2 pull towards the weights the sleep started from
+    anchor_weight: float = 1e-4
+    personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
+                    for name in ("steps", "batch_size", "seq_len") if getattr(self, name) < 1]
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (self.replay or self.distill):
+            problems.append("a sleep needs replay or distill (or both): otherwise it learns nothing new")
+        if self.personal_delta not in ("dense", "bitdelta"):
+            problems.append(f"personal_delta must be 'dense' or 'bitdelta', got {self.personal_delta!r}")
+        if problems:
+            raise ValueError("invalid SleepConfig: " + "; ".join(problems))
+
+
+# The recipes compared in bench/sleep_days.py and tested in tests/test_consolidation.py.
+METHODS: dict[str, SleepConfig] = {
+    "reverie": SleepConfig(),
+    "naive_finetune": SleepConfig(distill=False, rehearsal=False, anchor=False),
+    "rehearsal_only": SleepConfig(distill=False, anchor=False),
+}
+
+
+@dataclass
+class Replay:
+    """One user's material for a night: their FastState (None = no fast memory) and their texts."""
+
+    texts: list[bytes]
+    state: FastState | None = None
+
+
+@dataclass
+class SleepResult:
+    weights: Weights
+    metrics: dict[str, float]
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def replay_batch(texts: Sequence[bytes], batch_size: int, seq_len: int, rng: random.Random
+                 ) -> tuple[Tensor, Tensor]:
+    """Record-aligned crops: each row starts at a random record and runs on through the next ones,
+    so facts are seen from their first byte, as a probe will ask them. -> inputs, targets (b, T)."""
+    if not texts:
+        raise ValueError("replay needs at least one text")
+    rows = []
+    for _ in range(batch_size):
+        start = rng.randrange(len(texts))
+        stream = bytearray()
+        i = start
+        while len(stream) < seq_len + 1:
+            stream += texts[i % len(texts)] + b"\n"
+            i += 1
+        rows.append(list(stream[:seq_len + 1]))
+    chunk = torch.tensor(rows, dtype=torch.long)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _distill_loss(student: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) at the bytes the teacher predicts right, scaled by T².
+
+    student, teacher: (b, T, 256); targets (b, T). Where the teacher (with fast memory) gets the
+    replayed byte wrong it knows nothing worth keeping there, and its soft targets would only pull
+    the student away from the hard target, so those positions carry no distillation loss.
+    """
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                  log_target=True, reduction="none").sum(-1)  # (b, T)
+    knows = (teacher.argmax(-1) == targets).float()
+    return (kl * knows).sum() / knows.sum().clamp(min=1.0) * t * t
+
+
+def anchor_penalty(model: nn.Module, anchor: Mapping[str, Tensor]) -> Tensor:
+    """Sum of squared distances of every parameter to its anchor value."""
+    terms = [(p - anchor[name]).pow(2).sum() for name, p in model.named_parameters() if name in anchor]
+    return torch.stack(terms).sum()
+
+
+# --- the sleep ----------------------------------------------------------------------------------
+
+def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence[Replay], rehearsal: bytes,
+                config: SleepConfig, *, device: str | torch.device = "cpu",
+                on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """Train `student` in place; returns loss metrics of the last steps.
+
+    student: a ReverieLM (or a wrapper of one, e.g. DDP) holding the starting weights, which are
+        also the anchor. teacher: the weights that served these users (frozen), run with each
+        replay's FastState; None only when config.distill is off.
+    replays: one entry per user whose material this sleep learns. rehearsal: older bytes.
+    """
+    if config.distill and teacher is None:
+        raise ValueError("config.distill needs a teacher model (the weights that served the day)")
+    replays = [r for r in replays if r.texts]
+    if not replays:
+        raise ValueError("nothing to replay: give at least one Replay with texts")
+    rehearsal_data = as_tensor(rehearsal) if config.rehearsal else None
+    if rehearsal_data is not None and rehearsal_data.numel() < config.seq_len + 2:
+        raise ValueError(f"rehearsal material has {rehearsal_data.numel()} bytes, fewer than one sequence "
+                         f"of {config.seq_len + 1}; give more or set rehearsal=False")
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    student.to(device).train()
+    anchor = {n: p.detach().clone() for n, p in student.named_parameters()} if config.anchor else None
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    totals = {"replay_bpb": 0.0, "distill": 0.0, "rehearsal_bpb": 0.0, "anchor": 0.0}
+    window = max(1, config.steps // 4)  # metrics average the last quarter of the steps
+    for step in range(config.steps):
+        lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        replay = replays[step % len(replays)]
+        inputs, targets = (t.to(device) for t in replay_batch(replay.texts, config.batch_size, config.seq_len, rng))
+        logits, _ = student(inputs, None, learn=False)
+        loss = logits.new_zeros(())
+        parts: dict[str, Tensor] = {}
+        if config.replay:
+            parts["replay_bpb"] = _lm_loss(logits, targets) / math.log(2)
+            loss = loss + parts["replay_bpb"] * math.log(2)
+        if config.distill:
+            with torch.no_grad():
+                state = None
+                if replay.state is not None:
+                    state = replay.state.to(device).rows([0] * inputs.shape[0])
+                teacher_logits, _ = teacher(inputs, state, learn=False)
+            parts["distill"] = _distill_loss(logits, teacher_logits, targets, config.temperature)
+            loss = loss + config.distill_weight * parts["distill"]
+        if rehearsal_data is not None:
+            old_inputs, old_targets = random_batch(rehearsal_data, config.batch_size, config.seq_len, generator)
+            old_logits, _ = student(old_inputs.to(device), None, learn=False)
+            parts["rehearsal_bpb"] = _lm_loss(old_logits, old_targets.to(device)) / math.log(2)
+            loss = loss + config.rehearsal_weight * parts["rehearsal_bpb"] * math.log(2)
+        if anchor is not None:
+            parts["anchor"] = anchor_penalty(student, anchor)
+            loss = loss + config.anchor_weight * parts["anchor"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"sleep loss became {loss.item()} at step {step}; lower SleepConfig.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        optimizer.step()
+        if step >= config.steps - window:
+            for name, value in parts.items():
+                totals[name] += float(value.detach()) / window
+        if on_step is not None:
+            on_step(step, float(loss))
+    enabled = {"replay_bpb": config.replay, "distill": config.distill, "rehearsal_bpb": config.rehearsal,
+               "anchor": config.anchor}
+    return {name: value for name, value in totals.items() if enabled[name]}
+
+
+def model_from(config: ModelConfig, weights: Mapping[str, Tensor]) -> ReverieLM:
+    model = ReverieLM(config)
+    model.load_state_dict(dict(weights))
+    return model
+
+
+def sleep(config: ModelConfig, start: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None,
+          replays: Sequence[Replay], rehearsal: bytes, sleep_config: SleepConfig,
+          device: str | torch.device = "cpu") -> SleepResult:
+    """`consolidate` on weight dicts: start from `start`, distill from `teacher`. CPU tensors out."""
+    student = model_from(config, start)
+    teacher_model = model_from(config, teacher) if (teacher is not None and sleep_config.distill) else None
+    metrics = consolidate(student, teacher_model, replays, rehearsal, sleep_config, device=device)
+    return SleepResult(weights=cpu_weights(student), metrics=metrics)
+
+
+def cpu_weights(model: nn.Module) -> Weights:
+    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+
+
+# --- deltas: personal (private) and aggregated (shared) -----------------------------------------
+
+def personal_delta(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], base_version: str,
+                   kind: str = "dense") -> tuple[Weights, dict[str, str]]:
+    """tuned - base as (tensors, metadata) for DeltaStore. kind "dense": fp32 differences of the
+    floating-point tensors that moved; "bitdelta": packed signs and scales of the 2-D ones."""
+    names = [n for n, t in base.items() if t.is_floating_point() and not torch.equal(t, tuned[n])]
+    if kind == "bitdelta":
+        matrices = [n for n in names if base[n].dim() == 2]
+        delta = compress(base, tuned, matrices or names[:1], base_version)
+        return delta.to_tensors(), delta.metadata()
+    return ({n: (tuned[n].float() - base[n].float()).contiguous() for n in names},
+            {"format": DENSE_FORMAT, "base_version": base_version})
+
+
+def dense_delta(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> Weights:
+    """Read a stored delta (dense or BitDelta) as name -> dense fp32 difference."""
+    if meta.get("format") == BITDELTA_FORMAT:
+        return BitDelta.from_tensors(tensors, meta, max_scale=math.inf).decompress()
+    return {name: t.float() for name, t in tensors.items()}
+
+
+def add_delta(weights: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0) -> Weights:
+    """weights + scale * delta (tensors the delta does not name are shared, not copied)."""
+    unknown = sorted(set(delta) - set(weights))
+    if unknown:
+        raise ValueError(f"delta names tensors {unknown[:5]} that these weights do not have; "
+                         f"was it made for another model config?")
+    out = dict(weights)
+    for name, d in delta.items():
+        if d.shape != weights[name].shape:
+            raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, weights have {tuple(weights[name].shape)}")
+        out[name] = (weights[name].float() + scale * d.float()).to(weights[name].dtype)
+    return out

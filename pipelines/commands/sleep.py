@@ -1,0 +1,37 @@
+"""`reverie sleep`: run tonight's consolidation flow in this process (Prefect's ephemeral mode)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sleep", help="consolidate a day's experience into weights",
+        description="Run the `consolidate` Prefect flow here: snapshot fast states, read the day's "
+                    "experience, sleep on Ray, evaluate, promote. No server needed (Prefect's "
+                    "ephemeral mode); set PREFECT_API_URL to report to a server instead.")
+    parser.add_argument("--night", help="UTC day to consolidate, YYYY-MM-DD (default: yesterday)")
+    parser.add_argument("--preset", default=None, help="model preset if the store has no checkpoint yet")
+    parser.add_argument("--steps", type=int, help="sleep steps per user (default: SleepConfig's)")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the shared sleep")
+    parser.add_argument("--gpu", action="store_true", help="Ray Train workers use one GPU each")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.consolidate import GateFailed, consolidate  # noqa: PLC0415 - Prefect loads slowly
+    from pipelines.settings import Settings  # noqa: PLC0415
+
+    settings = Settings.load(args.config)
+    sleep_config = {"steps": args.steps} if args.steps else None
+    try:
+        result = consolidate(night=args.night, data=settings.storage.root, preset_name=args.preset or settings.preset,
+                             ray_address=settings.ray_address, num_workers=args.num_workers, use_gpu=args.gpu,
+                             sleep_config=sleep_config)
+    except GateFailed as error:
+        print(f"reverie sleep: nothing promoted: {error}")
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2, default=str))
+    return 0

@@ -1,0 +1,163 @@
+"""The sleep on Ray: per-user consolidations as Ray tasks, the shared one through Ray Train.
+
+- `consolidate_users` fans each user's night out as a Ray task (`consolidate_user`, a plain
+  function that tests call without Ray) and hands every finished user to a callback as soon as it
+  is done, so a retried night redoes only the users whose delta was not yet saved.
+- `train_shared` runs the shared distillation as a `TorchTrainer`: `ScalingConfig(num_workers=N,
+  use_gpu=...)` makes the same loop run on CPU workers or on 1..N GPUs (DDP when N > 1), and
+  `RunConfig(storage_path=...)` says where Ray Train keeps its run directory and checkpoints.
+
+Weights travel as CPU tensors through the object store; fast states travel as their safetensors
+bytes (`FastState.to_bytes`). No storage I/O happens here: the flow decides what is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.consolidation import (Replay, SleepConfig, add_delta, consolidate, cpu_weights, model_from,
+                                 personal_delta)
+from model.fast_state import FastState
+
+log = logging.getLogger(__name__)
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class UserNight:
+    """Everything one user's sleep needs. Private: it never leaves this user's consolidation."""
+
+    user_id: str
+    texts: list[bytes]  # tonight's turns (prompt + response)
+    earlier: list[bytes] = field(default_factory=list)  # this user's earlier turns, for rehearsal
+    state: bytes | None = None  # FastState.to_bytes of the user's fast memory, if any
+    old_delta: Weights | None = None  # the user's dense personal delta on the previous weights
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    tensors: Weights  # for DeltaStore.save_user_delta
+    meta: dict[str, str]
+    metrics: dict[str, float]
+    trained: bool
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = 2) -> None:
+    """Connect to `address` (a cluster) or start a small local Ray; no-op if already connected."""
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+# --- one user -----------------------------------------------------------------------------------
+
+def consolidate_user(config_json: str, served: Weights, candidate: Weights, night: UserNight,
+                     rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str) -> UserResult:
+    """One user's sleep into a personal delta on `candidate_version`.
+
+    Teacher: the weights that served the user today (`served` + their old delta) with their fast
+    state. Student: starts from the candidate shared weights + their old delta (their knowledge so
+    far, rebased), which is also the anchor. Rehearsal: base material + the user's own earlier turns.
+    """
+    config = ModelConfig.from_dict(json.loads(config_json))
+    old = night.old_delta or {}
+    start = add_delta(candidate, old)
+    if not night.texts:  # nothing new tonight: carry the user's knowledge over to the new weights
+        tensors, meta = personal_delta(candidate, start, candidate_version, kind="dense")
+        return UserResult(night.user_id, tensors, meta, {}, trained=False)
+    torch.manual_seed(sleep_config.seed)
+    student = model_from(config, start)
+    teacher = model_from(config, add_delta(served, old)) if sleep_config.distill else None
+    state = FastState.from_bytes(night.state, config) if night.state else None
+    own_rehearsal = rehearsal + b"\n".join(night.earlier)
+    metrics = consolidate(student, teacher, [Replay(night.texts, state)], own_rehearsal, sleep_config)
+    tensors, meta = personal_delta(candidate, cpu_weights(student), candidate_version, sleep_config.personal_delta)
+    return UserResult(night.user_id, tensors, {**meta, "night_texts": str(len(night.texts))}, metrics, trained=True)
+
+
+_consolidate_user_task = ray.remote(num_cpus=1, max_retries=1)(consolidate_user)
+
+
+def consolidate_users(config: ModelConfig, served: Weights, candidate: Weights, nights: Sequence[UserNight],
+                      rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str,
+                      on_done: Callable[[UserResult], None]) -> list[UserResult]:
+    """Fan the users out as Ray tasks; call `on_done` for each as soon as it finishes."""
+    served_ref, candidate_ref, rehearsal_ref = ray.put(served), ray.put(candidate), ray.put(rehearsal)
+    pending = {_consolidate_user_task.remote(config.to_json(), served_ref, candidate_ref, night, rehearsal_ref,
+                                             sleep_config, candidate_version): night.user_id for night in nights}
+    results = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        result: UserResult = ray.get(done[0])
+        pending.pop(done[0])
+        on_done(result)
+        results.append(result)
+    return results
+
+
+# --- shared weights: Ray Train ------------------------------------------------------------------
+
+def _shared_train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: shard the replays by rank, distill, rank 0 checkpoints."""
+    import ray.train  # noqa: PLC0415 - only inside Train workers
+    import ray.train.torch  # noqa: PLC0415
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config: ModelConfig = loop_config["model_config"]
+    sleep_config: SleepConfig = loop_config["sleep_config"]
+    start, teacher_weights = ray.get(loop_config["start"]), ray.get(loop_config["teacher"])
+    texts: list[bytes] = ray.get(loop_config["texts"])
+    torch.manual_seed(sleep_config.seed)
+    model = model_from(config, start)
+    student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    teacher = model_from(config, teacher_weights) if sleep_config.distill else None
+    shard = texts[rank::world] or texts
+    # Privacy: shared material is read by the teacher WITHOUT any user's fast state, which also
+    # holds that user's private turns; only the shareable bytes themselves reach shared weights.
+    rank_config = dataclasses.replace(sleep_config, seed=sleep_config.seed + rank)
+    metrics = consolidate(student, teacher, [Replay(shard)], ray.get(loop_config["rehearsal"]), rank_config,
+                          device=ray.train.torch.get_device())
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as directory:
+            save_file(cpu_weights(model), str(Path(directory) / "weights.safetensors"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics)
+
+
+def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: list[bytes], rehearsal: bytes,
+                 sleep_config: SleepConfig, storage_path: str, run_name: str, num_workers: int = 1,
+                 use_gpu: bool = False) -> tuple[Weights, dict[str, float]]:
+    """Distill shareable `texts` into shared weights with Ray Train; returns (weights, metrics)."""
+    from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415 - Ray Train loads slowly
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _shared_train_loop,
+        train_loop_config={"model_config": config, "sleep_config": sleep_config, "start": ray.put(start),
+                           "teacher": ray.put(teacher), "texts": ray.put(texts), "rehearsal": ray.put(rehearsal)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=storage_path),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"shared sleep {run_name} finished without a checkpoint; see {storage_path}/{run_name}")
+    with result.checkpoint.as_directory() as directory:
+        weights = load_file(str(Path(directory) / "weights.safetensors"))
+    return weights, {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
