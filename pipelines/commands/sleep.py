@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The embedded (ephemeral) Prefect server can take longer than Prefect's 20 s default to start
+    # on a busy small machine; a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from pipelines.consolidate import GateFailed, consolidate  # noqa: PLC0415 - Prefect loads slowly
     from pipelines.settings import Settings  # noqa: PLC0415
 
