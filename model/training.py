@@ -29,6 +29,9 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     progress: bool = True
+    # Early-exit auxiliary loss: each step also trains one random exit depth 1..n_layers-1 through
+    # the shared head, with this weight (0 = off). Lets adaptive compute stop early at little cost.
+    early_exit_weight: float = 0.0
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -104,6 +107,10 @@ def train(model: ReverieLM, corpus: Corpus, config: TrainConfig) -> TrainResult:
         with autocast(device, config.amp):
             logits, _ = forward(inputs)
             loss = bits_per_byte(logits, targets)
+            if config.early_exit_weight and model.config.n_layers > 1:
+                depth = int(torch.randint(1, model.config.n_layers, (1,), generator=generator))
+                exit_logits, _ = forward(inputs, active_layers=depth)
+                loss = loss + config.early_exit_weight * bits_per_byte(exit_logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --compile")
         optimizer.zero_grad(set_to_none=True)

@@ -67,6 +67,10 @@ class CheckpointRegistry:
             raise ValueError(f"manifest keys {sorted(clash)} are set by the registry; rename them")
         if parent is not None and parent not in self.versions():
             raise ValueError(f"parent {parent} is not a saved version; saved: {self.versions()}")
+        try:
+            json.dumps(manifest)  # fail before a version number is claimed
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"manifest must be JSON-serialisable: {e}") from e
         number = self._next_number()
         while True:
             version = _version_name(number)
@@ -86,10 +90,7 @@ class CheckpointRegistry:
                 "bytes": len(weights),
             },
         }
-        try:
-            data = json.dumps(document, indent=2, sort_keys=True).encode()
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"manifest must be JSON-serialisable: {e}") from e
+        data = json.dumps(document, indent=2, sort_keys=True).encode()
         self.store.write_bytes(self._manifest_key(version), data)
         return version
 

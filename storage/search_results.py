@@ -59,14 +59,16 @@ RESULT_SCHEMA = pa.schema([
 
 def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '-' or '_', starting with a letter or digit")
+        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '-' or '_', "
+                         f"starting with a letter or digit")
     return run_id
 
 
 class SearchResults:
     """The evaluation rows and documents of one search run."""
 
-    def __init__(self, store_or_uri: Store | str | None, run_id: str, storage_config: StorageConfig | None = None) -> None:
+    def __init__(self, store_or_uri: Store | str | None, run_id: str,
+                 storage_config: StorageConfig | None = None) -> None:
         self.store = as_store(store_or_uri, storage_config)
         self.run_id = check_run_id(run_id)
         self.prefix = f"{SEARCH_PREFIX}/{run_id}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(subparsers) -> None:
@@ -32,8 +33,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.search import search
-    from pipelines.settings import Settings
+    # As `reverie sleep`: the ephemeral Prefect server may need more than 20 s to start on a busy
+    # small machine; a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from pipelines.search import search  # noqa: PLC0415 - Prefect loads slowly
+    from pipelines.settings import Settings  # noqa: PLC0415
 
     settings = Settings.load(args.config)
     summary = search(run_id=args.run_id, space=args.space, evaluations=args.evaluations,
