@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "generate", "serve", "sleep")
+COMMANDS = ("train", "generate", "serve", "sleep", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
