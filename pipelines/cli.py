@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "generate", "serve", "sleep", "search")
+COMMANDS = ("train", "generate", "serve", "sleep", "search", "federate")
 
 
 def build_parser() -> argparse.ArgumentParser:

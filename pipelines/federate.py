@@ -11,16 +11,19 @@ virtual devices. The ServerApp saves the run's aggregate in the delta store unde
 flow chose, so the flow finds exactly its own result, and the next sleep (pipelines.consolidate)
 folds it into the shared weights.
 
-Re-running after a crash starts a new Flower run with a new name: a run that died before its
-ServerApp saved anything left nothing behind, and one that finished is a complete aggregate of its
-own; the sleep adds every aggregate stored on its base, so do not re-run a flow whose run finished.
+Safe to re-run: give the run a `name` and a re-run finds the aggregate already stored under it
+and returns it without starting Flower again (the sleep adds every aggregate stored on its base, so
+running the same rounds twice under two names would count them twice). A run that died before its
+ServerApp saved anything left nothing behind, and the re-run starts it afresh.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -50,7 +53,10 @@ def _toml_value(value: Any) -> str:
 
 def _flwr(args: list[str], timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
     """Run a `flwr` command with --format json and return its JSON document."""
-    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, timeout=timeout_s,
+    flwr = shutil.which("flwr", path=env["PATH"])
+    if flwr is None:
+        raise FileNotFoundError("the `flwr` command is not installed in this environment; pip install flwr")
+    done = subprocess.run([flwr, *args, "--format", "json"], capture_output=True, text=True, timeout=timeout_s,
                           env=env, check=False)
     try:
         document = json.loads(done.stdout[done.stdout.index("{"):])
@@ -63,7 +69,9 @@ def _flwr(args: list[str], timeout_s: float, env: dict[str, str]) -> dict[str, A
 
 
 def _env(install_dependencies: bool) -> dict[str, str]:
-    env = dict(os.environ)
+    # Flower's commands (flwr, and the flower-superlink it may start) from this interpreter's environment,
+    # even when it was not activated.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     if not install_dependencies:
         # A local simulation SuperLink started by `flwr run` would otherwise `uv sync` the app's
         # dependencies into a fresh environment; this one already has them.
@@ -132,17 +140,22 @@ def _report(name: str, run_id: str, meta: dict[str, Any]) -> str:
 
 @flow(name="federate")
 def federate(rounds: int = 3, clients: int = 2, aggregation: str = "clipped-mean", connection: str | None = None,
-             data: str | None = None, run_config: dict[str, Any] | None = None, app_dir: str = str(APP_DIR),
-             timeout_s: float = 3600.0, poll_s: float = 5.0, install_dependencies: bool = False) -> dict[str, Any]:
+             data: str | None = None, run_config: dict[str, Any] | None = None, name: str | None = None,
+             app_dir: str = str(APP_DIR), timeout_s: float = 3600.0, poll_s: float = 5.0,
+             install_dependencies: bool = False) -> dict[str, Any]:
     """Run `rounds` federated rounds and return the registered result (the run's report).
 
     clients: size of the local simulation (ignored on a real SuperLink, whose devices connect
     themselves). run_config: any other `[tool.flwr.app.config]` key, e.g. {"dp-noise-multiplier": 1.0}.
     data: the data root (the run starts from its promoted checkpoint and stores its aggregate there).
+    name: the aggregate's name (default: federated-<time>-<random>); an existing one is returned as is.
     """
     logger = get_run_logger()
-    name = f"federated-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     store_uri = open_store(data or None).uri  # an absolute URI: the ServerApp runs in another process
+    if name is not None and (meta := find_aggregate(data, name)) is not None:
+        logger.info("aggregate %s is already stored on base %s; not running again", name, meta["base_version"])
+        return {"run_id": None, "status": "already stored", "aggregate": name, "store": store_uri, **meta}
+    name = name or f"federated-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     config = {**(run_config or {}), "num-server-rounds": rounds, "aggregation": aggregation,
               "store": store_uri, "aggregate-name": name}
     if connection in (None, "local"):

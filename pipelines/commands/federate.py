@@ -20,10 +20,12 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="simulated devices (local simulation only)")
     parser.add_argument("--aggregation", default="clipped-mean", choices=("clipped-mean", "trimmed-mean", "sign-vote"))
-    parser.add_argument("--connection", help="SuperLink connection in $FLWR_HOME/config.toml (default: local simulation)")
+    parser.add_argument("--connection",
+                        help="SuperLink connection in $FLWR_HOME/config.toml (default: local simulation)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any [tool.flwr.app.config] key, TOML value, e.g. --set dp-noise-multiplier=1.0 "
                              "--set attackers='\"3:flip\"' (repeatable)")
+    parser.add_argument("--name", help="aggregate name; a re-run with the same name returns the stored result")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
     parser.set_defaults(run=run)
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     result = federate(rounds=args.rounds, clients=args.clients, aggregation=args.aggregation,
                       connection=args.connection, data=settings.storage.root, run_config=_overrides(args.set),
-                      timeout_s=args.timeout)
+                      name=args.name, timeout_s=args.timeout)
     rounds = result.pop("rounds", [])
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2, default=str))
     for r in rounds:
