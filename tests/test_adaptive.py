@@ -135,14 +135,17 @@ def test_adaptive_forward_reports_complexity_and_runs_the_planned_depth(deep_mod
 
 # --- the auxiliary loss --------------------------------------------------------------------------
 def test_early_exit_loss_makes_shallow_exits_better():
+    # Four narrow layers: without the auxiliary loss the head has never read layer 1's output.
+    config = ModelConfig(d_model=32, n_blocks=1, layers_per_block=4, n_heads=2, span=16, window=32, pm_rank=2,
+                         em_slots=8, em_topk=1, ff_mult=2, max_seq_len=128)
     full = embedded_corpus()
     corpus = Corpus(train=full.train[:200_000], heldout=full.heldout)
-    texts = [corpus.heldout[i:i + 65] for i in range(0, 65 * 16, 65)]
+    texts = [corpus.heldout[i:i + 65] for i in range(0, 65 * 8, 65)]
     exit_one = {}
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
-        model = ReverieLM(preset("tiny"))
-        train(model, corpus, TrainConfig(steps=40, batch_size=8, seq_len=64, warmup=4, eval_batches=2,
+        model = ReverieLM(config)
+        train(model, corpus, TrainConfig(steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup=3, eval_batches=1,
                                          device="cpu", progress=False, early_exit_weight=weight))
         exit_one[weight] = exit_bpb(model, texts)[:, 0].mean()
-    assert exit_one[1.0] < exit_one[0.0]
+    assert exit_one[1.0] < exit_one[0.0] - 0.2
