@@ -156,7 +156,7 @@ class ReverieLM(nn.Module):
         logits, new_state = self._run(tokens, state, learn, active, segments)
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
-                             "complexity": self.last_metrics.get("complexity", float("nan"))}
+                             "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
     def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
