@@ -5,9 +5,11 @@ Life of a record:
 1. `append` buffers it in memory and, every `chunk_records`, converts the buffer to Arrow in the
    caller's thread (a few ms); the caller never waits for encoding or I/O.
 2. A background thread flushes when the buffer holds `flush_bytes` or its oldest record is
-   `flush_age_s` old: one Parquet file per UTC date, `experience/date=YYYY-MM-DD/part-*.parquet`,
-   serialised in memory and written with the store's atomic `write_bytes`, so no reader ever sees
-   a partial file.
+   `flush_age_s` old: Parquet files of at most about `flush_bytes` each, never spanning two UTC
+   dates, `experience/date=YYYY-MM-DD/part-*.parquet`. They are encoded in memory on
+   `encode_threads` threads at once (Parquet encoding releases the GIL, and one `write_table` call
+   uses one core) and written with the store's atomic `write_bytes`, so no reader ever sees a
+   partial file.
 3. A failed write is retried with jittered exponential backoff; if the store stays down the file
    goes to the bounded local `Spool` under its final key and is uploaded later by a probe. While
    the store is known to be down, flushes go straight to the spool instead of stalling.
@@ -27,6 +29,7 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -64,6 +67,7 @@ class WriterConfig:
     retry_base_delay_s: float = 0.2
     retry_max_delay_s: float = 10.0  # also the longest wait between probes of a down store
     compression: str = "zstd"
+    encode_threads: int = 2
 
 
 @dataclass
@@ -113,6 +117,7 @@ class ExperienceWriter:
         self._closed = False
         self._down_until = 0.0  # monotonic time before which the store is assumed down
         self._down_delay = self.config.retry_base_delay_s
+        self._encoders = ThreadPoolExecutor(max(1, self.config.encode_threads), thread_name_prefix="experience-encode")
         self._flusher = threading.Thread(target=self._run_flusher, name="experience-flusher", daemon=True)
         self._flusher.start()
 
@@ -165,7 +170,10 @@ class ExperienceWriter:
             self._cond.notify_all()
         self._flusher.join()
         self._mark_up()  # whatever the last probe said, try the store once more before giving up
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._encoders.shutdown()
         if self.spool.pending():
             log.warning(
                 "closing with %d file(s) still spooled in %s; the next writer on %s with this spool_dir uploads them",
@@ -275,19 +283,29 @@ class ExperienceWriter:
 
     # -- committing ----------------------------------------------------------------------------
     def _commit(self, table: pa.Table) -> pa.Table | None:
-        """Write one file per UTC date; returns the rows that neither the store nor the spool took."""
-        dates = pc.cast(table["ts"], pa.date32())
-        unique = pc.unique(dates).to_pylist()
+        """Write `table` as files of one UTC date each; returns the rows that neither the store nor the spool took."""
+        parts = self._split(table)
         unsent = []
-        for date in sorted(unique):
-            part = table if len(unique) == 1 else table.filter(pc.equal(dates, pa.scalar(date, pa.date32())))
+        for (key, part), data in zip(parts, self._encoders.map(self._encode, [p for _, p in parts]), strict=True):
             try:
-                self._deliver(part_key(date.isoformat()), self._encode(part))
+                self._deliver(key, data)
                 self.stats.records_committed += part.num_rows
             except StorageError as e:
                 log.error("%s", e)
                 unsent.append(part)
         return pa.concat_tables(unsent) if unsent else None
+
+    def _split(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """(key, rows) pieces: one date each, at most about `flush_bytes` each (zero-copy slices)."""
+        dates = pc.cast(table["ts"], pa.date32())
+        unique = pc.unique(dates).to_pylist()
+        pieces = []
+        for date in sorted(unique):
+            part = table if len(unique) == 1 else table.filter(pc.equal(dates, pa.scalar(date, pa.date32())))
+            count = max(1, -(-part.nbytes // self.config.flush_bytes))
+            rows = -(-part.num_rows // count)
+            pieces += [(part_key(date.isoformat()), part.slice(start, rows)) for start in range(0, part.num_rows, rows)]
+        return pieces
 
     def _encode(self, table: pa.Table) -> memoryview:
         """Parquet bytes in memory, through an Arrow sink (a Python file object would take the GIL per write)."""

@@ -81,12 +81,23 @@ def _binary_array(values: list[bytes]) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), len(values), buffers)
 
 
+def _timestamp_array(values: list[datetime]) -> pa.Array:
+    """UTC timestamps via naive datetimes: pyarrow converts those ~3x faster than tz-aware ones."""
+    naive = [(v if v.tzinfo is UTC else v.astimezone(UTC)).replace(tzinfo=None) for v in values]
+    return pa.array(naive, type=pa.timestamp("us")).cast(EXPERIENCE_SCHEMA.field("ts").type)
+
+
 def records_to_table(records: Sequence[ExperienceRecord]) -> pa.Table:
     """Column-wise conversion (one Python list per column), the fast way to build Arrow from objects."""
     columns = []
     for f in EXPERIENCE_SCHEMA:
         values = list(map(attrgetter(f.name), records))
-        columns.append(_binary_array(values) if f.type == pa.binary() else pa.array(values, type=f.type))
+        if f.type == pa.binary():
+            columns.append(_binary_array(values))
+        elif f.name == "ts":
+            columns.append(_timestamp_array(values))
+        else:
+            columns.append(pa.array(values, type=f.type))
     return pa.Table.from_arrays(columns, schema=EXPERIENCE_SCHEMA)
 
 
