@@ -1,13 +1,14 @@
 """Serving load: N concurrent simulated users against the Ray Serve app over HTTP, learning on vs off.
 
-Each simulated user sends turns back to back (a closed loop) for `--seconds` per phase; learn_on
+Each simulated user sends turns back to back (a closed loop); learn on and learn off alternate in
+`--rounds` rounds of `--seconds` each, so a change in machine load hits both alike; learn_on
 writes and saves the user's fast memory every turn, learn_off reads it and writes nothing. Both
 phases log every turn to the experience log. Reports requests/s, p50/p99 latency and generated
 bytes/s per phase and ratio = learn_on / learn_off bytes/s. ANCHORS.md: Serve itself adds ~1-2 ms
 per request, so on the tiny preset the model and the per-turn state save dominate.
 
-Writes bench/results/serve_load.json (section "cpu"; the GPU section is added by a GPU run with
---section gpu) and prints a table.
+Writes bench/results/serve_load.json (section "cpu"; `--device cuda` on the lent GPU writes the
+section "gpu") and prints a table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,9 +30,26 @@ import requests
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 
 
-def run_phase(url: str, users: int, seconds: float, learn: bool, max_new_bytes: int, tag: str) -> dict:
-    latencies: list[float] = []
-    generated, failures = [0], [0]
+@dataclass
+class Phase:
+    """What one setting (learn on or off) measured, summed over its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    generated: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        latencies = sorted(self.latencies)
+        return {"requests": len(latencies), "failures": self.failures, "seconds": round(self.seconds, 2),
+                "req_per_s": round(len(latencies) / self.seconds, 2),
+                "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+                "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1) if latencies else None,
+                "bytes_per_s": round(self.generated / self.seconds, 1)}
+
+
+def run_round(url: str, users: int, seconds: float, learn: bool, max_new_bytes: int, tag: str, into: Phase) -> None:
+    """`users` closed-loop clients for `seconds`; adds what they measured to `into`."""
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
@@ -45,10 +64,10 @@ def run_phase(url: str, users: int, seconds: float, learn: bool, max_new_bytes: 
             elapsed = (time.perf_counter() - started) * 1000.0
             with lock:
                 if response.status_code == 200:
-                    latencies.append(elapsed)
-                    generated[0] += max_new_bytes
+                    into.latencies.append(elapsed)
+                    into.generated += max_new_bytes
                 else:
-                    failures[0] += 1
+                    into.failures += 1
             turn += 1
 
     started = time.monotonic()
@@ -57,27 +76,26 @@ def run_phase(url: str, users: int, seconds: float, learn: bool, max_new_bytes: 
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - started
-    latencies.sort()
-    return {"requests": len(latencies), "failures": failures[0], "seconds": round(wall, 2),
-            "req_per_s": round(len(latencies) / wall, 2),
-            "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
-            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1) if latencies else None,
-            "bytes_per_s": round(generated[0] / wall, 1)}
+    into.seconds += time.monotonic() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--users", type=int, default=16, help="concurrent simulated users")
-    parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per round and setting")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (learn on, learn off), order alternating, so load drift hits both alike")
     parser.add_argument("--max-new-bytes", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--section", default="cpu", help="results section to write (cpu or gpu)")
+    parser.add_argument("--device", default="cpu", help="where replicas run the model: cpu or cuda (one GPU each)")
+    parser.add_argument("--section", default=None, help="results section to write (default: cpu, or gpu with --device cuda)")
     args = parser.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.section = args.section or ("gpu" if gpu else "cpu")
 
     import ray
     import torch
@@ -89,19 +107,25 @@ def main() -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app({"data_root": data_root, "preset": args.preset, "num_replicas": args.replicas,
-                             "max_batch_size": args.max_batch_size}), name="reverie", route_prefix="/")
+                             "max_batch_size": args.max_batch_size, "device": args.device,
+                             "num_gpus": 1 if gpu else 0}), name="reverie", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}"
         try:
-            run_phase(url, args.users, 3.0, True, args.max_new_bytes, "warmup")
-            learn_on = run_phase(url, args.users, args.seconds, True, args.max_new_bytes, "on")
-            learn_off = run_phase(url, args.users, args.seconds, False, args.max_new_bytes, "off")
+            run_round(url, args.users, 3.0, True, args.max_new_bytes, "warmup", Phase())
+            phases = {True: Phase(), False: Phase()}
+            for r in range(args.rounds):
+                for learn in ((True, False) if r % 2 == 0 else (False, True)):
+                    run_round(url, args.users, args.seconds, learn, args.max_new_bytes, "on" if learn else "off",
+                              phases[learn])
+            learn_on, learn_off = phases[True].summary(), phases[False].summary()
         finally:
             serve.shutdown()
             ray.shutdown()
 
     section = {
-        "preset": args.preset, "users": args.users, "seconds_per_phase": args.seconds,
+        "preset": args.preset, "users": args.users, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "max_new_bytes": args.max_new_bytes, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -112,7 +136,7 @@ def main() -> None:
     results[args.section] = section
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{args.users} users, {args.preset}, {args.replicas} replica(s), {args.seconds:.0f} s per phase")
+    print(f"{args.users} users, {args.preset}, {args.replicas} replica(s), {args.rounds} x {args.seconds:.0f} s per setting")
     for name in ("learn_on", "learn_off"):
         p = section[name]
         print(f"{name:9s} {p['req_per_s']:7.2f} req/s  p50 {p['p50_ms']} ms  p99 {p['p99_ms']} ms  "

@@ -41,29 +41,43 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _prefill(model: ReverieLM, prompt: bytes, state: FastState, learn: bool
-             ) -> tuple[torch.Tensor, FastState, float]:
-    """Read one user's prompt in chunks of max_seq_len: last logits (256,), state, surprise in bits/byte."""
+def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bool
+             ) -> tuple[torch.Tensor, FastState, list[float]]:
+    """Read equally long prompts of users at the same span phase together, in chunks of max_seq_len.
+
+    -> last logits (b, 256), state, each prompt's surprise in bits/byte.
+    """
     device = state.pos.device
-    tokens = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
-    nll, counted, logits = 0.0, 0, None
+    tokens = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    nll = torch.zeros(len(prompts), dtype=torch.float64, device=device)
+    counted, logits = 0, None
     for start in range(0, tokens.shape[1], model.config.max_seq_len):
         chunk = tokens[:, start:start + model.config.max_seq_len]
         if logits is not None:  # the previous chunk's last position predicts this chunk's first byte
-            nll -= float(torch.log_softmax(logits.float(), -1)[chunk[0, 0]])
+            nll -= torch.log_softmax(logits.float(), -1).gather(-1, chunk[:, :1])[:, 0].double()
             counted += 1
         out, state = model(chunk, state, learn=learn)
-        log_probs = torch.log_softmax(out[0, :-1].float(), dim=-1)
-        nll -= float(log_probs.gather(-1, chunk[0, 1:, None]).sum())
+        log_probs = torch.log_softmax(out[:, :-1].float(), dim=-1)
+        nll -= log_probs.gather(-1, chunk[:, 1:, None]).sum((1, 2)).double()
         counted += chunk.shape[1] - 1
-        logits = out[0, -1]
-    return logits, state, (nll / counted / math.log(2)) if counted else 0.0
+        logits = out[:, -1]
+    surprise = (nll / counted / math.log(2)).tolist() if counted else [0.0] * len(prompts)
+    return logits, state, surprise
+
+
+def _prefill_groups(prompts: list[bytes], phases: list[int]) -> list[list[int]]:
+    """Users whose prompts can be read in one batch: same length, same position within a span."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, phase) in enumerate(zip(prompts, phases, strict=True)):
+        groups.setdefault((len(prompt), phase), []).append(i)
+    return list(groups.values())
 
 
 @torch.no_grad()
 def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, config: GenerationConfig
                    ) -> tuple[list[Generation], FastState]:
-    """One reply per user. Prompts are read user by user; replies are decoded for all users together."""
+    """One reply per user. Prompts are read in batches of users they can share (`_prefill_groups`);
+    replies are decoded for all users together."""
     if len(prompts) != state.batch_size:
         raise ValueError(f"{len(prompts)} prompts for a FastState of {state.batch_size} users")
     if any(len(p) == 0 for p in prompts):
@@ -71,12 +85,13 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
     started = time.perf_counter()
     generator = torch.Generator(device=state.pos.device).manual_seed(config.seed) if config.seed is not None else None
     writes_before = state.writes.clone()
-    rows, last_logits, surprises = [], [], []
-    for i, prompt in enumerate(prompts):
-        logits, row, surprise = _prefill(model, prompt, state.rows(slice(i, i + 1)), config.learn)
-        rows.append(row)
-        last_logits.append(logits)
-        surprises.append(surprise)
+    rows: list[FastState | None] = [None] * len(prompts)
+    last_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    surprises = [0.0] * len(prompts)
+    for group in _prefill_groups(prompts, (state.pos % model.config.span).tolist()):
+        logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
+        for j, i in enumerate(group):
+            rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]
     state = FastState.cat(rows)
     logits = torch.stack(last_logits)
     replies = [bytearray() for _ in prompts]

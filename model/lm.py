@@ -89,6 +89,7 @@ class ReverieLM(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model)
         init_weights(self, config.n_layers)
         self.last_metrics: dict[str, float] = {}
+        self._active_param_counts: dict[int, int] = {}  # shapes never change, so counts are cached
 
     # --- sizes ---------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -96,6 +97,11 @@ class ReverieLM(nn.Module):
 
     def active_params(self, active_layers: int) -> int:
         """Parameters used by a forward that runs the first `active_layers` layers (early exit)."""
+        if active_layers not in self._active_param_counts:
+            self._active_param_counts[active_layers] = self._count_active_params(active_layers)
+        return self._active_param_counts[active_layers]
+
+    def _count_active_params(self, active_layers: int) -> int:
         count = self.embed.weight.numel() + sum(p.numel() for p in self.final_norm.parameters())
         remaining = active_layers
         for index, block in enumerate(self.blocks):

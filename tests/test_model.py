@@ -104,6 +104,21 @@ def test_batched_decoding_of_users_at_different_offsets_equals_decoding_each_alo
         torch.testing.assert_close(alone_state.pm_s, state.rows(slice(i, i + 1)).pm_s)
 
 
+def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
+    """Equal-length prompts at the same span phase are prefilled as one batch; the third is not."""
+    prompts = [bytes(random_bytes(1, 2 * TINY.span + 3, seed=s)[0].tolist()) for s in (5, 6)]
+    prompts.append(b"short")
+    config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0)
+    empty = FastState.empty(TINY, 3, dtype=torch.float64)
+    together, state = generate_batch(tiny_model_f64, prompts, empty, config)
+    for i, prompt in enumerate(prompts):
+        alone, alone_state = generate_batch(tiny_model_f64, [prompt], empty.rows(slice(i, i + 1)), config)
+        assert alone[0].response == together[i].response
+        assert alone[0].metrics["surprise_bits"] == pytest.approx(together[i].metrics["surprise_bits"], abs=1e-9)
+        for name, tensor in alone_state.tensors().items():
+            torch.testing.assert_close(tensor, state.rows(slice(i, i + 1)).tensors()[name])
+
+
 # --- fast memory --------------------------------------------------------------------------------
 def test_fast_memory_write_changes_later_predictions(tiny_model):
     lesson, probe = random_bytes(1, 4 * TINY.span, seed=3), random_bytes(1, 20, seed=4)

@@ -84,7 +84,15 @@ def test_health_and_reply_shape(server):
     assert set(reply) >= {"text", "response_b64", "model_version", "metrics"}
     assert len(base64.b64decode(reply["response_b64"])) == 5
     assert reply["model_version"] == server["registry"].current()
-    assert set(reply["metrics"]) == {"active_params", "latency_ms", "complexity", "memory_writes"}
+    assert set(reply["metrics"]) == {"active_params", "latency_ms", "complexity", "memory_writes", "batch_size"}
+
+
+def test_concurrent_users_are_decoded_in_shared_batches(server):
+    body = {"prompt": "Hello there, how are you today?", "max_new_bytes": 16, "temperature": 0.0}
+    with ThreadPoolExecutor(12) as pool:
+        for _ in range(2):  # the first wave may meet replicas still idle
+            replies = list(pool.map(lambda i: generate_ok(server, f"batch-{i}", **body), range(12)))
+    assert max(r["metrics"]["batch_size"] for r in replies) > 1
 
 
 def test_fast_memory_is_used_by_its_user_and_no_one_else(server):

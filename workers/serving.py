@@ -16,12 +16,16 @@ Run: `serve run infra/serve.yaml`, `serve deploy infra/serve.yaml`, or `reverie 
 
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from workers.serving_api import (
@@ -36,7 +40,27 @@ from workers.serving_engine import ServingConfig, ServingEngine
 
 log = logging.getLogger(__name__)
 
-USERS_PER_REPLICA = 256  # Serve's multiplexing LRU; keep equal to ServingConfig.users_per_replica
+# Serve's multiplexing table only routes (it caches user ids, not states), so it is sized well above
+# any state LRU: the memory bound is ServingConfig.users_per_replica, enforced by the engine, and a
+# user beyond it stays routed here and is reloaded from the fast-state store on return.
+ROUTED_USERS_PER_REPLICA = 65_536
+
+
+@contextlib.contextmanager
+def _without_multiplexed_id() -> Iterator[None]:
+    """Hide this request's multiplexed model id from `@serve.batch` while it queues.
+
+    Serve (2.55) splits every batch by multiplexed model id and runs the pieces side by side, so
+    with one id per user no two users would ever share a `generate_batch`. The id has already done
+    its job (routing the user to this replica) when the request gets here. Serve exposes no public
+    switch for this, hence its context variable; tests/test_serving.py checks that batches form.
+    """
+    context = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(dataclasses.replace(context, multiplexed_model_id=""))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5},
@@ -51,14 +75,15 @@ class ReverieModel:
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    @serve.multiplexed(max_num_models_per_replica=USERS_PER_REPLICA)
+    @serve.multiplexed(max_num_models_per_replica=ROUTED_USERS_PER_REPLICA)
     async def _pin_user(self, user_id: str) -> str:
         """Registers the user with Serve's router (stickiness); the state itself lives in the engine."""
         return user_id
 
     async def generate(self, request: GenerateRequest) -> dict[str, Any]:
         await self._pin_user(serve.get_multiplexed_model_id())
-        result = await self._generate_batch(request)
+        with _without_multiplexed_id():
+            result = await self._generate_batch(request)
         if isinstance(result, Exception):
             raise result
         return result
@@ -143,14 +168,19 @@ class ReverieGateway:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Serve application builder (`import_path: workers.serving:build_app` in infra/serve.yaml).
 
-    args: ServingConfig fields, plus num_replicas, max_batch_size and batch_wait_timeout_s.
+    args: ServingConfig fields, plus num_replicas, num_gpus (per replica; pair it with device: cuda),
+    max_batch_size and batch_wait_timeout_s.
     """
     args = dict(args or {})
     num_replicas = int(args.pop("num_replicas", 1))
+    num_gpus = float(args.pop("num_gpus", 0))
     max_batch_size = int(args.pop("max_batch_size", 16))
     batch_wait_timeout_s = float(args.pop("batch_wait_timeout_s", 0.01))
     config = ServingConfig.from_dict(args)
-    model = ReverieModel.options(num_replicas=num_replicas).bind(config, max_batch_size, batch_wait_timeout_s)
+    if num_gpus and not config.device.startswith("cuda"):
+        raise ValueError(f"num_gpus={num_gpus} reserves GPUs that device={config.device!r} would not use; set device: cuda")
+    model = ReverieModel.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": 0.5, "num_gpus": num_gpus})
+    model = model.bind(config, max_batch_size, batch_wait_timeout_s)
     return ReverieGateway.bind(model, config.limits)
 
 

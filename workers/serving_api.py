@@ -177,5 +177,6 @@ def generate_response(response: bytes, model_version: str, metrics: dict[str, fl
             "latency_ms": finite_or_none(metrics["latency_ms"]),
             "complexity": finite_or_none(metrics["complexity"]),
             "memory_writes": int(metrics["memory_writes"]),
+            "batch_size": int(metrics.get("batch_size", 1)),  # users decoded together with this one
         },
     }

@@ -6,7 +6,7 @@ batches; everything here runs (and is tested) in a plain process.
 
 Durability contract (what a crash can lose):
 - A user's FastState is saved to the fast-state store after every turn that learned, before the
-  reply is sent; the experience log is flushed after every batch, before the replies are sent.
+  reply is sent (the users of one batch are saved concurrently: each save is an fsynced write); the experience log is flushed after every batch, before the replies are sent.
   A replica that dies therefore loses only the turns it was computing: their clients get an
   error and never saw a reply. A crash between saving a state and flushing the log leaves a turn
   in the state but not in the log (narrow window; resending is not needed for correctness).
@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class ServingConfig:
     soft_reset_keep: float = 0.5  # memory strength kept across a promotion
     delta_ttl_s: float = 10.0  # how long a user's (absent) delta lookup is cached
     torch_threads: int = 1
+    device: str = "cpu"  # "cuda" (or "cuda:1") serves from a GPU; states are stored from the CPU either way
     limits: ServingLimits = field(default_factory=ServingLimits)
 
     @classmethod
@@ -149,12 +151,14 @@ class UserStates:
 
     MARKERS = "serving/turns"
 
-    def __init__(self, store: Store, capacity: int) -> None:
+    def __init__(self, store: Store, capacity: int, device: str = "cpu", save_threads: int = 8) -> None:
         if capacity < 1:
             raise ValueError(f"users_per_replica must be >= 1, got {capacity}")
         self.store = store
         self.states = FastStateStore(store)
         self.capacity = capacity
+        self.device = device
+        self._savers = ThreadPoolExecutor(save_threads, thread_name_prefix="fast-state-save")
         self._slots: OrderedDict[str, UserSlot] = OrderedDict()
         self.loads = 0  # reads of a state from the store (cache misses and stale copies)
 
@@ -193,20 +197,26 @@ class UserStates:
         self.loads += 1
         found = self.states.load(user_id)
         if found is None:
-            return UserSlot(user_id, FastState.empty(config, 1), version)
+            return UserSlot(user_id, FastState.empty(config, 1, device=self.device), version)
         tensors, meta = found
         try:
             state = FastState(**tensors)
             state.validate(config)
         except (TypeError, ValueError) as error:
             log.warning("fast state of %r does not fit the current model (%s); starting it empty", user_id, error)
-            return UserSlot(user_id, FastState.empty(config, 1), version)
+            return UserSlot(user_id, FastState.empty(config, 1, device=self.device), version)
+        state = state.to(self.device)
         return UserSlot(user_id, state, str(meta["base_version"]), int(meta.get("turns", 0)))
 
     def save(self, slot: UserSlot) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in slot.state.tensors().items()}
         self.states.save(slot.user_id, tensors, {"base_version": slot.version, "turns": slot.turns})
         self.store.write_bytes(self._marker(slot.user_id), json.dumps({"turns": slot.turns}).encode())
+
+    def save_all(self, slots: list[UserSlot]) -> None:
+        """`save` each slot, concurrently (the time is fsync, which releases the GIL); raises the first error."""
+        for done in [self._savers.submit(self.save, slot) for slot in slots]:
+            done.result()
 
     def reset(self, user_id: str) -> None:
         """Forget the user everywhere: the resident copy, the stored state, the marker."""
@@ -241,7 +251,7 @@ class ServingEngine:
         self.version = ""
         self.model: ReverieLM | None = None
         self._load_version(ensure_current_version(self.registry, storage, config.preset))
-        self.states = UserStates(self.store, config.users_per_replica)
+        self.states = UserStates(self.store, config.users_per_replica, config.device)
         self._checked_at = time.monotonic()
 
     # -- versions ------------------------------------------------------------------------------
@@ -249,7 +259,7 @@ class ServingEngine:
         tensors, manifest = self.registry.load(version)
         model_config = _config_of(manifest, self.config.preset)
         if self.model is None or self.model.config != model_config:
-            self.model = ReverieLM(model_config).eval()
+            self.model = ReverieLM(model_config).to(self.config.device).eval()
         load_weights(self.model, tensors, source=f"checkpoint {version}")
         self.version = version
         self._delta_cache.clear()
@@ -329,17 +339,18 @@ class ServingEngine:
         finally:
             if handle is not None:
                 remove_delta(self.model, handle)
-        replies = []
-        for i, (request, slot, output) in enumerate(zip(requests, slots, outputs)):
-            if request.learn:  # learn=false reads the user's memory but leaves it as it was
+        if first.learn:  # learn=false reads the users' memory but leaves it as it was
+            for i, slot in enumerate(slots):
                 slot.state = state.rows(slice(i, i + 1)).clone()
                 slot.turns += 1
-                self.states.save(slot)
+            self.states.save_all(slots)
+        replies = []
+        for request, slot, output in zip(requests, slots, outputs):
             record = ExperienceRecord(user_id=request.user_id, session_id=slot.session_id, prompt=request.prompt,
                                       response=output.response, model_version=self.version,
                                       surprise=float(output.metrics["surprise_bits"]))
             self.writer.append(record)
-            metrics = dict(output.metrics)
+            metrics = dict(output.metrics, batch_size=len(requests))
             if metrics.get("complexity") != metrics.get("complexity"):  # NaN: no adaptive depth policy
                 metrics["complexity"] = complexity(request.prompt)
             replies.append(generate_response(output.response, self.version, metrics, record.event_id))
