@@ -6,8 +6,9 @@ user's personal weights (privacy routing is the same for every method, only the 
 Then fast memory is wiped and every fact taught so far is probed by exact-match greedy completion,
 held-out bpb is measured, and each user's facts are probed with another user's weights (leakage).
 
-Methods: reverie (distill + replay + rehearsal + anchor), no_sleep, naive_finetune (the day's
-turns only: no rehearsal, no anchor, no distill), rehearsal_only (replay + rehearsal).
+Methods: reverie (replay + distill + the user's earlier turns replayed + corpus rehearsal + anchor),
+no_sleep, naive_finetune (the day's turns only), rehearsal_only (the day's turns + corpus rehearsal).
+Every method gets each user's earlier turns; only recipes with `earlier_replay` use them.
 The sleep here is `model.consolidation.sleep` called directly (the same function the Ray tasks of
 the nightly flow run), so the numbers measure the learning, not Prefect or Ray.
 
@@ -21,14 +22,16 @@ import dataclasses
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.config import preset
-from model.consolidation import METHODS, Replay, cpu_weights, model_from, sleep
-from model.corpus import embedded_corpus
+from model.config import ModelConfig, preset
+from model.consolidation import METHODS, Replay, SleepConfig, cpu_weights, model_from, sleep
+from model.corpus import Corpus, embedded_corpus
 from model.evaluation import Fact, bpb, recalled, relative_rise
+from model.fast_state import FastState
 from model.generate import GenerationConfig, generate
 from model.lm import ReverieLM
 from model.training import TrainConfig, train
@@ -49,6 +52,87 @@ def make_facts(rng: random.Random, count: int, used: set[bytes]) -> list[Fact]:
     return facts
 
 
+@dataclass
+class World:
+    """What every method starts from: the pretrained base, the data, and who teaches what when."""
+
+    config: ModelConfig
+    base: dict[str, torch.Tensor]
+    base_bpb: float
+    rehearsal: bytes
+    heldout: bytes
+    taught: dict[str, list[list[Fact]]]  # user -> day -> facts taught that day
+    known_by_base: dict[str, list[bool]]  # user -> which of their facts the base already recalls
+
+
+def build_world(base: ReverieLM, corpus: Corpus, users: int, days: int, facts_per_day: int, seed: int) -> World:
+    rng = random.Random(seed)
+    used: set[bytes] = set()
+    names = [f"user{i}" for i in range(users)]
+    taught = {u: [make_facts(rng, facts_per_day, used) for _ in range(days)] for u in names}
+    return World(base.config, cpu_weights(base), bpb(base, corpus.heldout[:50_000]), corpus.train[:200_000],
+                 corpus.heldout[:50_000], taught,
+                 {u: recalled(base, [f for day in taught[u] for f in day]) for u in names})
+
+
+def taught_until(world: World, user: str, days: int) -> list[Fact]:
+    """The facts `user` taught in the first `days` days, in order."""
+    return [f for day in world.taught[user][:days] for f in day]
+
+
+def teach(served: ReverieLM, facts: list[Fact], state: FastState | None) -> tuple[list[bytes], FastState]:
+    """A day of one user: each fact said to the model online (fast-memory writes), as serving does."""
+    turns = []
+    for fact in facts:
+        reply, state = generate(served, fact.text(), state,
+                                GenerationConfig(max_new_bytes=16, temperature=0.0, stop_byte=10))
+        turns.append(fact.text() + reply.response)
+    return turns, state
+
+
+def simulate(world: World, recipe: SleepConfig | None, days: int, seed: int = 0, log: str = "") -> dict:
+    """Run `days` days of teaching and nights of `recipe` (None: no sleep); returns the method's
+    metrics. Each user's weights only ever see that user's own turns (privacy routing)."""
+    users = list(world.taught)
+    weights = {u: world.base for u in users}
+    states: dict[str, FastState | None] = {u: None for u in users}
+    history: dict[str, list[bytes]] = {u: [] for u in users}  # each user's turns so far (their own, private)
+    recall_by_day, seconds = [], 0.0
+    for day in range(days):
+        for u in users:
+            today, states[u] = teach(model_from(world.config, weights[u]), world.taught[u][day], states[u])
+            if recipe is not None:
+                tick = time.perf_counter()
+                night = dataclasses.replace(recipe, seed=seed + day)
+                result = sleep(world.config, weights[u], weights[u], [Replay(today, states[u], history[u])],
+                               world.rehearsal, night)
+                weights[u], states[u] = result.weights, states[u].soft_reset(0.5)
+                seconds += time.perf_counter() - tick
+            history[u] += today
+        so_far = {u: taught_until(world, u, day + 1) for u in users}
+        hits = sum(sum(recalled(model_from(world.config, weights[u]), so_far[u])) for u in users)
+        recall_by_day.append(hits / sum(len(facts) for facts in so_far.values()))
+        if log:
+            print(f"{log:15s} day {day + 1:3d} recall {recall_by_day[-1]:.3f}", flush=True)
+    return {"recall_by_day": recall_by_day, **final_metrics(world, weights, days), "sleep_seconds": seconds}
+
+
+def final_metrics(world: World, weights: dict[str, dict[str, torch.Tensor]], days: int) -> dict[str, float]:
+    """Day-1 facts recalled at the end, held-out bpb drift, and leakage: each user's facts recalled
+    by the next user's weights, not counting those the base weights already recalled."""
+    users = list(weights)
+    final = {u: model_from(world.config, weights[u]) for u in users}
+    day1 = sum(sum(recalled(final[u], world.taught[u][0])) for u in users) / sum(len(world.taught[u][0]) for u in users)
+    drift = sum(relative_rise(world.base_bpb, bpb(final[u], world.heldout)) for u in users) / len(users)
+    leaks, total = 0, 0
+    for i, u in enumerate(users):
+        facts = taught_until(world, u, days)
+        hits = recalled(final[users[(i + 1) % len(users)]], facts)
+        leaks += sum(h and not k for h, k in zip(hits, world.known_by_base[u][:len(facts)], strict=True))
+        total += len(facts)
+    return {"day1_recall_final": day1, "bpb_drift": drift, "leakage": leaks / total if len(users) > 1 else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=30)
@@ -57,15 +141,13 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--base", help="safetensors weights of a pretrained model of --preset (skips pretraining)")
-    parser.add_argument("--steps", type=int, default=40, help="sleep steps per user per night")
+    parser.add_argument("--steps", type=int, help="sleep steps per user per night (default: each recipe's own)")
     parser.add_argument("--methods", default="reverie,no_sleep,naive_finetune,rehearsal_only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
     corpus = embedded_corpus()
-    rehearsal, heldout = corpus.train[:200_000], corpus.heldout[:50_000]
     model = ReverieLM(preset(args.preset))
     started = time.perf_counter()
     if args.base:
@@ -73,54 +155,15 @@ def main() -> None:
         model.load_state_dict(load_file(args.base))
     else:
         train(model, corpus, TrainConfig(steps=args.pretrain_steps, device="cpu", progress=False, seed=args.seed))
-    base = cpu_weights(model)
-    base_bpb = bpb(model, heldout)
+    world = build_world(model, corpus, args.users, args.days, args.facts_per_day, args.seed)
     methods = args.methods.split(",")
-    users = [f"user{i}" for i in range(args.users)]
-    used: set[bytes] = set()
-    taught = {u: [make_facts(rng, args.facts_per_day, used) for _ in range(args.days)] for u in users}
-    known_by_base = {u: recalled(model, [f for day in taught[u] for f in day]) for u in users}
-    out = {"days": args.days, "config": {**vars(args), "base_heldout_bpb": base_bpb,
-                                         "sleep": {m: dataclasses.asdict(METHODS[m]) for m in methods if m in METHODS}},
+    recipes = {m: dataclasses.replace(METHODS[m], **({"steps": args.steps} if args.steps else {}))
+               for m in methods if m != "no_sleep"}
+    out = {"days": args.days, "config": {**vars(args), "base_heldout_bpb": world.base_bpb,
+                                         "sleep": {m: dataclasses.asdict(r) for m, r in recipes.items()}},
            "methods": {}}
     for method in methods:
-        weights = {u: base for u in users}
-        states = {u: None for u in users}
-        history = {u: [] for u in users}  # each user's turns so far (their own, private)
-        recall_by_day, seconds = [], 0.0
-        for day in range(args.days):
-            for u in users:
-                served = model_from(model.config, weights[u])
-                today = []
-                for fact in taught[u][day]:
-                    reply, states[u] = generate(served, fact.text(), states[u],
-                                                GenerationConfig(max_new_bytes=16, temperature=0.0, stop_byte=10))
-                    today.append(fact.text() + reply.response)
-                if method != "no_sleep":
-                    tick = time.perf_counter()
-                    recipe = dataclasses.replace(METHODS[method], steps=args.steps, seed=args.seed + day)
-                    result = sleep(model.config, weights[u], weights[u], [Replay(today, states[u])],
-                                   rehearsal + b"\n".join(history[u]), recipe)
-                    weights[u] = result.weights
-                    states[u] = states[u].soft_reset(0.5)
-                    seconds += time.perf_counter() - tick
-                history[u] += today
-            so_far = [sum(recalled(model_from(model.config, weights[u]), [f for d in taught[u][:day + 1] for f in d]))
-                      for u in users]
-            recall_by_day.append(sum(so_far) / (len(users) * args.facts_per_day * (day + 1)))
-            print(f"{method:15s} day {day + 1:3d} recall {recall_by_day[-1]:.3f}", flush=True)
-        final = {u: model_from(model.config, weights[u]) for u in users}
-        day1 = sum(sum(recalled(final[u], taught[u][0])) for u in users) / (len(users) * args.facts_per_day)
-        drift = sum(relative_rise(base_bpb, bpb(final[u], heldout)) for u in users) / len(users)
-        leaks, total = 0, 0
-        for i, u in enumerate(users):
-            facts = [f for d in taught[u] for f in d]
-            foreign = final[users[(i + 1) % len(users)]]
-            hits = recalled(foreign, facts)
-            leaks += sum(h and not k for h, k in zip(hits, known_by_base[u], strict=True))
-            total += len(facts)
-        out["methods"][method] = {"recall_by_day": recall_by_day, "day1_recall_final": day1, "bpb_drift": drift,
-                                  "leakage": leaks / total if len(users) > 1 else 0.0, "sleep_seconds": seconds}
+        out["methods"][method] = simulate(world, recipes.get(method), args.days, args.seed, log=method)
         print(json.dumps({method: {k: v for k, v in out["methods"][method].items() if k != "recall_by_day"}}))
     out["config"]["wall_seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)

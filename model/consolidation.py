@@ -6,12 +6,17 @@ Student: weights with fast memory off (an empty FastState, learn=False). The los
 
     replay      hard-target LM loss on the replayed bytes        (what was said)
     distill     KL(teacher || student) on the same bytes         (what fast memory made of it)
-    rehearsal   LM loss on a sample of older material            (base corpus + earlier experience)
+    earlier     hard-target LM loss on the user's earlier turns  (what earlier nights taught)
+    rehearsal   LM loss on a sample of the base corpus           (what the model knew before)
     anchor      L2 distance to the weights the sleep started from
 
 and every ingredient can be switched off for ablations (`METHODS` are the tested recipes).
 EM items are not bytes and cannot be replayed as text: they act through the teacher, whose
 FastState holds them while it reads the replayed bytes.
+
+Earlier turns get their own record-aligned stream rather than being mixed into the rehearsal bytes:
+a few hundred bytes of facts diluted in 200 KB of corpus are almost never sampled, so each night
+overwrote the previous nights' facts (bench/sleep_days.py measured recall of only the last day).
 
 Where the result goes (privacy routing) is the caller's decision: a user's own material trains
 that user's personal delta (`personal_delta`), only shareable material trains shared weights.
@@ -23,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +47,14 @@ Weights = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class SleepConfig:
-    """One night's recipe. Defaults are sized for the tiny preset on one CPU core (seconds)."""
+    """One night's recipe. Defaults are sized for the tiny preset on one CPU core (seconds).
 
-    steps: int = 60
+    Chosen with bench/sleep_days.py (30 days, 3 seeds): 40-60 steps left some of a night's facts
+    unlearned, 80 learn them; earlier turns weighted 2x kept 0.99-1.0 of all facts where 1x kept
+    0.95-0.98. lr 1e-2 (not lower) so that a freshly bootstrapped model also learns in one night.
+    """
+
+    steps: int = 80
     batch_size: int = 8
     seq_len: int = 64
     lr: float = 1e-2
@@ -53,7 +63,9 @@ class SleepConfig:
     distill: bool = True  # KL from the teacher (weights + the user's FastState) on the replay
     distill_weight: float = 0.5
     temperature: float = 1.0
-    rehearsal: bool = True  # LM loss on older material
+    earlier_replay: bool = True  # LM loss on the user's earlier turns (Replay.earlier), record-aligned
+    earlier_weight: float = 2.0
+    rehearsal: bool = True  # LM loss on the base corpus
     rehearsal_weight: float = 1.0
     anchor: bool = True  # L2 pull towards the weights the sleep started from
     anchor_weight: float = 1e-4
@@ -76,17 +88,19 @@ class SleepConfig:
 # The recipes compared in bench/sleep_days.py and tested in tests/test_consolidation.py.
 METHODS: dict[str, SleepConfig] = {
     "reverie": SleepConfig(),
-    "naive_finetune": SleepConfig(distill=False, rehearsal=False, anchor=False),
-    "rehearsal_only": SleepConfig(distill=False, anchor=False),
+    "naive_finetune": SleepConfig(distill=False, earlier_replay=False, rehearsal=False, anchor=False),
+    "rehearsal_only": SleepConfig(distill=False, earlier_replay=False, anchor=False),
 }
 
 
 @dataclass
 class Replay:
-    """One user's material for a night: their FastState (None = no fast memory) and their texts."""
+    """One user's material for a night: tonight's texts, their FastState (None = no fast memory),
+    and their turns of earlier nights (already in weights; replayed so they stay there)."""
 
     texts: list[bytes]
     state: FastState | None = None
+    earlier: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -142,15 +156,42 @@ def anchor_penalty(model: nn.Module, anchor: Mapping[str, Tensor]) -> Tensor:
 
 # --- the sleep ----------------------------------------------------------------------------------
 
+def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, rehearsal: Tensor | None,
+                 config: SleepConfig, rng: random.Random, generator: torch.Generator, device: torch.device | str
+                 ) -> dict[str, Tensor]:
+    """One step's loss terms, each ingredient that is on (LM terms in bits per byte). The student
+    reads tonight's, earlier and rehearsal rows in one batch: one forward instead of three."""
+    b, t = config.batch_size, config.seq_len
+    batches = {"replay": replay_batch(replay.texts, b, t, rng)}
+    if config.earlier_replay and replay.earlier:
+        batches["earlier"] = replay_batch(replay.earlier, b, t, rng)
+    if rehearsal is not None:
+        batches["rehearsal"] = random_batch(rehearsal, b, t, generator)
+    inputs = torch.cat([x for x, _ in batches.values()]).to(device)  # (b * streams, T)
+    targets = torch.cat([y for _, y in batches.values()]).to(device)
+    logits, _ = student(inputs, None, learn=False)
+    parts: dict[str, Tensor] = {}
+    for i, stream in enumerate(batches):
+        rows = slice(i * b, (i + 1) * b)
+        if stream != "replay" or config.replay:
+            parts[f"{stream}_bpb"] = _lm_loss(logits[rows], targets[rows]) / math.log(2)
+    if config.distill:
+        with torch.no_grad():
+            state = None if replay.state is None else replay.state.to(device).rows([0] * b)
+            teacher_logits, _ = teacher(inputs[:b], state, learn=False)
+        parts["distill"] = _distill_loss(logits[:b], teacher_logits, targets[:b], config.temperature)
+    return parts
+
+
 def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence[Replay], rehearsal: bytes,
                 config: SleepConfig, *, device: str | torch.device = "cpu",
                 on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
-    """Train `student` in place; returns loss metrics of the last steps.
+    """Train `student` in place; returns loss metrics averaged over the last quarter of the steps.
 
     student: a ReverieLM (or a wrapper of one, e.g. DDP) holding the starting weights, which are
         also the anchor. teacher: the weights that served these users (frozen), run with each
         replay's FastState; None only when config.distill is off.
-    replays: one entry per user whose material this sleep learns. rehearsal: older bytes.
+    replays: one entry per user whose material this sleep learns. rehearsal: base-corpus bytes.
     """
     if config.distill and teacher is None:
         raise ValueError("config.distill needs a teacher model (the weights that served the day)")
@@ -168,36 +209,19 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    totals = {"replay_bpb": 0.0, "distill": 0.0, "rehearsal_bpb": 0.0, "anchor": 0.0}
-    window = max(1, config.steps // 4)  # metrics average the last quarter of the steps
+    scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
+              "earlier_bpb": config.earlier_weight * math.log(2),
+              "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
+    totals: dict[str, list[float]] = {}
+    window = max(1, config.steps // 4)
     for step in range(config.steps):
-        lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        replay = replays[step % len(replays)]
-        inputs, targets = (t.to(device) for t in replay_batch(replay.texts, config.batch_size, config.seq_len, rng))
-        logits, _ = student(inputs, None, learn=False)
-        loss = logits.new_zeros(())
-        parts: dict[str, Tensor] = {}
-        if config.replay:
-            parts["replay_bpb"] = _lm_loss(logits, targets) / math.log(2)
-            loss = loss + parts["replay_bpb"] * math.log(2)
-        if config.distill:
-            with torch.no_grad():
-                state = None
-                if replay.state is not None:
-                    state = replay.state.to(device).rows([0] * inputs.shape[0])
-                teacher_logits, _ = teacher(inputs, state, learn=False)
-            parts["distill"] = _distill_loss(logits, teacher_logits, targets, config.temperature)
-            loss = loss + config.distill_weight * parts["distill"]
-        if rehearsal_data is not None:
-            old_inputs, old_targets = random_batch(rehearsal_data, config.batch_size, config.seq_len, generator)
-            old_logits, _ = student(old_inputs.to(device), None, learn=False)
-            parts["rehearsal_bpb"] = _lm_loss(old_logits, old_targets.to(device)) / math.log(2)
-            loss = loss + config.rehearsal_weight * parts["rehearsal_bpb"] * math.log(2)
+            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        parts = _step_losses(student, teacher, replays[step % len(replays)], rehearsal_data, config, rng,
+                             generator, device)
         if anchor is not None:
             parts["anchor"] = anchor_penalty(student, anchor)
-            loss = loss + config.anchor_weight * parts["anchor"]
+        loss = sum(scales[name] * value for name, value in parts.items())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"sleep loss became {loss.item()} at step {step}; lower SleepConfig.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -206,12 +230,10 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
         optimizer.step()
         if step >= config.steps - window:
             for name, value in parts.items():
-                totals[name] += float(value.detach()) / window
+                totals.setdefault(name, []).append(float(value.detach()))
         if on_step is not None:
             on_step(step, float(loss))
-    enabled = {"replay_bpb": config.replay, "distill": config.distill, "rehearsal_bpb": config.rehearsal,
-               "anchor": config.anchor}
-    return {name: value for name, value in totals.items() if enabled[name]}
+    return {name: sum(values) / len(values) for name, values in totals.items()}
 
 
 def model_from(config: ModelConfig, weights: Mapping[str, Tensor]) -> ReverieLM:

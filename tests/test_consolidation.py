@@ -12,12 +12,25 @@ from model.consolidation import (METHODS, Replay, SleepConfig, add_delta, cpu_we
                                  personal_delta, sleep)
 from model.corpus import embedded_corpus
 from model.evaluation import Fact, GateConfig, gate_failures, recalled
+from model.fast_state import FastState
 from model.generate import GenerationConfig, generate
 from model.lm import ReverieLM
 
 FACTS = [Fact(b"The secret word of Mira is ", b"tovak."), Fact(b"The secret word of Olan is ", b"resup."),
          Fact(b"The secret word of Kade is ", b"fimbo.")]
+LATER_NIGHTS = [[Fact(b"The secret word of Tamo is ", b"gerul."), Fact(b"The secret word of Vesi is ", b"lumpa.")],
+                [Fact(b"The secret word of Ruba is ", b"kesto."), Fact(b"The secret word of Nell is ", b"daruv.")]]
+OTHER_USER = [Fact(b"The secret word of Pim is ", b"salvo.")]
 TEST_SLEEP = dataclasses.replace(METHODS["reverie"], steps=80, rehearsal_weight=0.3)  # an untrained tiny model
+
+
+def teach(model: ReverieLM, facts: list[Fact], state: FastState | None) -> tuple[list[bytes], FastState]:
+    """Serving's path: each fact said to `model` online, written to fast memory. -> turns, state."""
+    turns = []
+    for fact in facts:
+        reply, state = generate(model, fact.text(), state, GenerationConfig(max_new_bytes=8, temperature=0.0))
+        turns.append(fact.text() + reply.response)
+    return turns, state
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +44,7 @@ def taught(corpus):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ReverieLM(preset("tiny"))
-    state = None
-    for fact in FACTS:
-        _, state = generate(model, fact.text(), state, GenerationConfig(max_new_bytes=8, temperature=0.0))
+    _, state = teach(model, FACTS, None)
     assert int(state.writes.sum()) > 0, "teaching must write fast memory"
     return model, state
 
@@ -46,6 +57,20 @@ def slept(taught, corpus):
                    TEST_SLEEP)
     tensors, meta = personal_delta(base, result.weights, "v0001")
     return base, tensors, meta, result
+
+
+@pytest.fixture(scope="module")
+def third_night(taught, slept, corpus):
+    """The user of `slept` teaches two more facts on each of two more days, each night replaying
+    their earlier turns (as the nightly flow does). -> their weights and metrics after night 3."""
+    model, state = taught
+    weights, earlier = slept[3].weights, [f.text() for f in FACTS]
+    for night, facts in enumerate(LATER_NIGHTS, start=2):
+        turns, state = teach(model_from(model.config, weights), facts, state.soft_reset(0.5))
+        result = sleep(model.config, weights, weights, [Replay(turns, state, earlier)], corpus.train[:100_000],
+                       dataclasses.replace(TEST_SLEEP, seed=night))
+        weights, earlier = result.weights, earlier + turns
+    return result
 
 
 def test_facts_taught_online_are_recalled_after_sleep_with_fast_memory_wiped(taught, slept):
@@ -63,13 +88,36 @@ def test_another_user_without_the_delta_never_recalls_them(taught, slept):
     assert not any(recalled(other, FACTS))
 
 
-def test_every_ingredient_reports_its_loss(slept):
-    assert set(slept[3].metrics) == {"replay_bpb", "distill", "rehearsal_bpb", "anchor"}
+def test_facts_of_night_one_are_still_recalled_after_night_three(taught, slept, third_night):
+    model, _ = taught
+    after_one = recalled(model_from(model.config, slept[3].weights), FACTS)
+    after_three = model_from(model.config, third_night.weights)
+    assert sum(after_one) >= 2
+    assert recalled(after_three, FACTS) == after_one, "a later night forgot (or newly guessed) night-1 facts"
+    assert sum(recalled(after_three, [f for night in LATER_NIGHTS for f in night])) >= 3
 
 
-def test_naive_recipe_turns_off_distill_rehearsal_and_anchor():
+def test_another_users_personal_weights_do_not_recall_them(taught, third_night, corpus):
+    model, _ = taught
+    taught_so_far = FACTS + [f for night in LATER_NIGHTS for f in night]
+    known = [f for f, hit in zip(taught_so_far, recalled(model_from(model.config, third_night.weights), taught_so_far),
+                                 strict=True) if hit]
+    base = cpu_weights(model)
+    turns, state = teach(model, OTHER_USER, None)
+    other = model_from(model.config, sleep(model.config, base, base, [Replay(turns, state)], corpus.train[:100_000],
+                                           TEST_SLEEP).weights)
+    assert all(recalled(other, OTHER_USER)), "the other user must have learned their own fact"
+    assert known and not any(recalled(other, known))
+
+
+def test_every_ingredient_reports_its_loss(slept, third_night):
+    assert set(slept[3].metrics) == {"replay_bpb", "distill", "rehearsal_bpb", "anchor"}  # night 1: no earlier turns
+    assert set(third_night.metrics) == {"replay_bpb", "distill", "earlier_bpb", "rehearsal_bpb", "anchor"}
+
+
+def test_naive_recipe_turns_off_distill_earlier_replay_rehearsal_and_anchor():
     naive = METHODS["naive_finetune"]
-    assert (naive.distill, naive.rehearsal, naive.anchor) == (False, False, False)
+    assert (naive.distill, naive.earlier_replay, naive.rehearsal, naive.anchor) == (False, False, False, False)
     with pytest.raises(ValueError, match="replay or distill"):
         SleepConfig(replay=False, distill=False)
 
