@@ -23,6 +23,11 @@ from model.memory import (EpisodicMemory, ProceduralMemory, Segment, Slots, Trac
                           span_segments)
 
 
+# FastState tensors with one row per layer (dim 1), and with one row per block.
+LAYER_FIELDS = ("scan_h", "pm_k", "pm_v", "pm_s", "pm_elig_k", "pm_elig_v")
+BLOCK_FIELDS = ("em_k", "em_v", "em_s", "em_elig_k", "em_elig_v")
+
+
 @dataclass
 class LayerState:
     carry: torch.Tensor  # (b, d)
@@ -125,9 +130,10 @@ class ReverieLM(nn.Module):
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} bytes exceed max_seq_len={self.config.max_seq_len}; "
                              f"feed longer input in chunks, carrying the FastState between them")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > 255):
-            raise ValueError(f"tokens must be byte values 0..255, got range "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.numel() and tokens.dtype != torch.uint8:  # one host sync for both bounds
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()
+            if low < 0 or high > 255:
+                raise ValueError(f"tokens must be byte values 0..255, got range [{low}, {high}]")
 
     def forward(self, tokens: torch.Tensor, state: FastState | None = None, *, learn: bool = True,
                 active_layers: int | None = None) -> tuple[torch.Tensor, FastState]:
@@ -140,12 +146,16 @@ class ReverieLM(nn.Module):
         self._check_tokens(tokens)
         tokens = tokens.long()
         batch, length = tokens.shape
-        if state is None:
+        span = self.config.span
+        if state is None:  # the empty state's positions are known without asking the device
             state = FastState.empty(self.config, batch, device=tokens.device)
+            positions = [0] * batch
         elif state.batch_size != batch:
             raise ValueError(f"FastState holds {state.batch_size} users but tokens have batch {batch}")
-        phases = state.pos % self.config.span
-        aligned = batch == 1 or not bool((phases != phases[0]).any())
+        else:
+            positions = state.pos.tolist()  # the one host sync of a forward with a given state
+        phases = [p % span for p in positions]
+        aligned = len(set(phases)) == 1
         if not aligned and length > 1:
             # Users at different offsets inside a span: run each alone so spans stay aligned.
             results = [self.forward(tokens[i:i + 1], state.rows(slice(i, i + 1)), learn=learn,
@@ -156,54 +166,52 @@ class ReverieLM(nn.Module):
         if not 1 <= active <= self.config.n_layers:
             raise ValueError(f"active_layers must be in 1..{self.config.n_layers}, got {active}")
         if aligned:
-            segments = span_segments(int(phases[0]), length, self.config.span)
+            segments = span_segments(phases[0], length, span)
         else:  # one byte per user: each user's span may or may not end here
-            segments = [Segment(0, 1, closes_span=(phases + 1) == self.config.span)]
-        logits, new_state = self._run(tokens, state, learn, active, segments)
+            segments = [Segment(0, 1, closes_span=decode_closes(phases, state.pos, span))]
+        logits, new_state = self._run(tokens, state, learn, active, segments, fresh=not any(positions))
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
     def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
-             segments: list[Segment]) -> tuple[torch.Tensor, FastState]:
-        new = state.tensors().copy()
-        new["scan_h"], new["pm_k"], new["pm_v"], new["pm_s"] = (state.scan_h.clone(), state.pm_k.clone(),
-                                                                state.pm_v.clone(), state.pm_s.clone())
-        new["pm_elig_k"], new["pm_elig_v"] = state.pm_elig_k.clone(), state.pm_elig_v.clone()
-        for name in ("em_k", "em_v", "em_s", "em_elig_k", "em_elig_v"):
-            new[name] = getattr(state, name).clone()
+             segments: list[Segment], fresh: bool) -> tuple[torch.Tensor, FastState]:
+        """The network over tokens (b, T) from `state`, with no host syncs (CUDA-graph capturable
+        for fixed arguments). fresh: every user is at position 0 with empty working memory."""
         writes = state.writes
         x = self.embed(tokens)
+        rows: dict[str, list[torch.Tensor | None]] = {name: [] for name in LAYER_FIELDS + BLOCK_FIELDS}
+        wm = (state.wm_k, state.wm_v, state.wm_pos)
         index = 0
         for b, block in enumerate(self.blocks):
             for layer in block.layers:
                 if index == active:
                     break
-                layer_state = LayerState(state.scan_h[:, index],
-                                         Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
-                                         Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
-                x, layer_state = layer(x, layer_state, segments, learn)
-                writes = layer_state.writes
-                new["scan_h"][:, index] = layer_state.carry
-                new["pm_k"][:, index], new["pm_v"][:, index], new["pm_s"][:, index] = layer_state.slots
-                new["pm_elig_k"][:, index], new["pm_elig_v"][:, index] = layer_state.trace
+                given = LayerState(state.scan_h[:, index],
+                                   Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
+                                   Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
+                x, returned = layer(x, given, segments, learn)
+                writes = returned.writes
+                _collect(rows, LAYER_FIELDS, (given.carry, *given.slots, *given.trace),
+                         (returned.carry, *returned.slots, *returned.trace))
                 index += 1
             else:
-                x, slots, trace, em_writes = block.recall(
-                    x, Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b]),
-                    Trace(state.em_elig_k[:, b], state.em_elig_v[:, b]), segments, learn)
+                slots = Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b])
+                trace = Trace(state.em_elig_k[:, b], state.em_elig_v[:, b])
+                x, new_slots, new_trace, em_writes = block.recall(x, slots, trace, segments, learn)
                 writes = writes + em_writes
-                new["em_k"][:, b], new["em_v"][:, b], new["em_s"][:, b] = slots
-                new["em_elig_k"][:, b], new["em_elig_v"][:, b] = trace
+                _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*new_slots, *new_trace))
                 if b == 0:
-                    fresh = not bool(state.pos.any())
-                    out, new["wm_k"], new["wm_v"], new["wm_pos"] = self.working_memory(
-                        self.wm_norm(x), state.wm_k, state.wm_v, state.wm_pos, state.pos, fresh)
+                    out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh)
                     x = x + out
                 continue
             break
         logits = F.linear(self.final_norm(x), self.embed.weight)
+        new = state.tensors()
+        for name, replaced in rows.items():
+            new[name] = _replace_rows(new[name], replaced)
+        new["wm_k"], new["wm_v"], new["wm_pos"] = wm
         new["pos"], new["writes"] = state.pos + tokens.shape[1], writes
         return logits, FastState(**new)
 
@@ -218,3 +226,28 @@ class ReverieLM(nn.Module):
 def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in bits. logits (b, T, 256), targets (b, T)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / torch.log(torch.tensor(2.0))
+
+
+def decode_closes(phases: list[int], pos: torch.Tensor, span: int) -> bool | torch.Tensor:
+    """Whose span ends with this one byte, for users at different phases: False when nobody's
+    (known on the host: no write is computed), else a (b,) bool mask computed on the device."""
+    if all(phase + 1 != span for phase in phases):
+        return False
+    return (pos % span) + 1 == span
+
+
+def _collect(rows: dict[str, list[torch.Tensor | None]], names: tuple[str, ...],
+             given: tuple[torch.Tensor, ...], returned: tuple[torch.Tensor, ...]) -> None:
+    """Append each returned per-layer (or per-block) tensor under its FastState name, None where the
+    forward returned the given tensor itself (nothing wrote it)."""
+    for name, old, new in zip(names, given, returned, strict=True):
+        rows[name].append(None if new is old else new)
+
+
+def _replace_rows(old: torch.Tensor, rows: list[torch.Tensor | None]) -> torch.Tensor:
+    """old (b, n, ...) with old[:, i] replaced by rows[i] (i < len(rows), None = keep). Returns
+    old itself when nothing is replaced: states are never changed in place, so sharing is safe."""
+    if all(row is None for row in rows):
+        return old
+    rows = rows + [None] * (old.shape[1] - len(rows))
+    return torch.stack([old[:, i] if row is None else row for i, row in enumerate(rows)], dim=1)

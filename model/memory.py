@@ -6,7 +6,10 @@ span), gated by a neuromodulator that learns when to learn. Writes decay all str
 the weakest slot, and rescale strengths to a norm budget, so a memory never grows.
 
 Inside a span the memory is read-only, so everything except the tiny per-span write runs in
-parallel over the sequence; `run_over_spans` is the only loop, and it touches (b, slots, d) tensors.
+parallel over the sequence. `run_over_spans` loops over spans only to write, on (b, slots, d)
+tensors, keeping the slots each span started from; then it reads every position in one batched
+call, each position against its own span's snapshot. `run_over_spans_reference` is the readable
+loop (read a segment, then write) that the tests compare it against.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class SlotMemory(nn.Module):
         writes = strength > WRITE_THRESHOLD
 
         decayed = slots.strengths * self.decay
-        weakest = F.one_hot(decayed.argmin(dim=-1), decayed.shape[-1]).bool() & writes[:, None]
+        slot = torch.arange(decayed.shape[-1], device=decayed.device)
+        weakest = (slot == decayed.argmin(dim=-1, keepdim=True)) & writes[:, None]  # (b, m), no host sync
         keys = torch.where(weakest[..., None], key[:, None], slots.keys)
         values = torch.where(weakest[..., None], value[:, None], slots.values)
         strengths = torch.where(weakest, strength[:, None], decayed)
@@ -162,26 +166,97 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
 
     queries: (b, T, d) unit vectors, used both to read and as write keys; values: (b, T, d).
     Returns reads (b, T, d), the new slots and trace, and (b,) counts of writes made.
+
+    Reads inside a segment see only the slots as they were at the segment's start, so the loop
+    below runs just the write recurrence, collecting those snapshots, and all reads are one
+    `memory.read` over (b * n_segments) rows of the span grid (`SpanGrid`). Without learning
+    the slots never change: one read over the whole sequence. Equal to
+    `run_over_spans_reference` up to rounding.
+    """
+    writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    if not learn:
+        return memory.read(queries, slots), slots, trace, writes
+    grid = SpanGrid.of(segments, queries.shape[1])
+    if grid is None:  # segments that do not tile a span grid (never from span_segments)
+        return run_over_spans_reference(memory, queries, values, slots, trace, segments, span, learn)
+    query_grid = grid.fold(queries)  # (b, S, P, d)
+    key_sums, value_sums = query_grid.sum(2), grid.fold(values).sum(2)  # (b, S, d) per segment
+    snapshots = []
+    for i, segment in enumerate(segments):
+        snapshots.append(slots)
+        trace = Trace(trace.keys + key_sums[:, i], trace.values + value_sums[:, i])
+        slots, trace, writes = _close_span(memory, slots, trace, writes, segment.closes_span, span)
+    if len(snapshots) == 1:
+        reads = memory.read(queries, snapshots[0])
+    else:
+        stacked = Slots(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*snapshots)))  # (b*S, m, ..)
+        reads = grid.unfold(memory.read(query_grid.flatten(0, 1), stacked).unflatten(0, query_grid.shape[:2]))
+    return reads, slots, trace, writes
+
+
+def _close_span(memory: SlotMemory, slots: Slots, trace: Trace, writes: torch.Tensor,
+                closes: bool | torch.Tensor, span: int) -> tuple[Slots, Trace, torch.Tensor]:
+    """Write from the trace and empty it where a span closes; `closes` False leaves all as they are."""
+    if closes is False:
+        return slots, trace, writes
+    written, wrote = memory.write(slots, trace, span)
+    empty = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
+    if closes is True:
+        return written, empty, writes + wrote
+    # only the users whose span ends here
+    return (Slots(*(_where_rows(closes, new, old) for new, old in zip(written, slots))),
+            Trace(*(_where_rows(closes, new, old) for new, old in zip(empty, trace))),
+            writes + wrote * closes)
+
+
+class SpanGrid(NamedTuple):
+    """Segments laid out as rows of a (S, P) grid: the first right-aligned, the others left-aligned.
+
+    Valid when every segment but the first and the last is P long, which `span_segments` gives
+    (P = span, except for a call shorter than one span). `lead` and `tail` are the padding.
+    """
+
+    segments: int  # S
+    width: int  # P
+    lead: int
+    tail: int
+
+    @classmethod
+    def of(cls, segments: list[Segment], length: int) -> "SpanGrid | None":
+        sizes = [s.stop - s.start for s in segments]
+        width = max(sizes)
+        if any(size != width for size in sizes[1:-1]):
+            return None
+        lead = width - sizes[0]
+        return cls(len(sizes), width, lead, len(sizes) * width - lead - length)
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, T, ...) -> (b, S, P, ...), zeros in the padding."""
+        if self.lead or self.tail:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (self.lead, self.tail))
+        return x.unflatten(1, (self.segments, self.width))
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, S, P, ...) -> (b, T, ...), padding dropped."""
+        x = x.flatten(1, 2)
+        return x[:, self.lead:x.shape[1] - self.tail]
+
+
+def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
+                             trace: Trace, segments: list[Segment], span: int, learn: bool
+                             ) -> tuple[torch.Tensor, Slots, Trace, torch.Tensor]:
+    """The readable loop `run_over_spans` must equal: read a segment, then write if it closes a span.
+
+    Same arguments and results as `run_over_spans`.
     """
     reads = []
     writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     for segment in segments:
         part = slice(segment.start, segment.stop)
         reads.append(memory.read(queries[:, part], slots))
-        if not learn:
-            continue
-        trace = Trace(trace.keys + queries[:, part].sum(1), trace.values + values[:, part].sum(1))
-        closes = segment.closes_span
-        if closes is False:
-            continue
-        written, wrote = memory.write(slots, trace, span)
-        empty = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
-        if closes is True:
-            slots, trace, writes = written, empty, writes + wrote
-        else:  # only the users whose span ends here
-            slots = Slots(*(_where_rows(closes, new, old) for new, old in zip(written, slots)))
-            trace = Trace(*(_where_rows(closes, new, old) for new, old in zip(empty, trace)))
-            writes = writes + wrote * closes
+        if learn:
+            trace = Trace(trace.keys + queries[:, part].sum(1), trace.values + values[:, part].sum(1))
+            slots, trace, writes = _close_span(memory, slots, trace, writes, segment.closes_span, span)
     return torch.cat(reads, dim=1), slots, trace, writes
 
 

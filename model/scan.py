@@ -37,10 +37,18 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
         raise ValueError(f"affine_scan expects a, b: (batch, T, d) and h0: (batch, d); "
                          f"got a {tuple(a.shape)}, b {tuple(b.shape)}, h0 {tuple(h0.shape)}")
     b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
+    if a.shape[1] == 1:  # one byte per user (decoding): h_0 = a_0 * h0 + b_0 is already done
+        return b
     if a.is_cuda and _triton_scan is not None and a.dtype == torch.float32:
-        # The kernel wants (batch, channels, T) contiguous.
-        return _triton_scan(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
+        return _fused_scan(a, b)
     return log_depth_scan(a, b)
+
+
+@torch.compiler.disable  # an opaque Triton kernel with its own backward: torch.compile runs it as is
+def _fused_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """accelerated-scan from a zero state. a, b: (batch, T, d) -> h: (batch, T, d)."""
+    # The kernel wants (batch, channels, T) contiguous.
+    return _triton_scan(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
 
 
 def log_depth_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,916 @@
+"""One device call: check the fast paths against their references, then time training, generation,
+sleep and BitDelta against the baselines measured in the same run.
+
+Sections, each run in its own subprocess with a time budget, its items flushed to JSON as they
+finish, so a hang, a crash or an out-of-memory error loses only the rest of its own section:
+
+    bandwidth   HBM copy bandwidth and bf16 matmul rate: the two ceilings (METHOD.md)
+    checks      fast paths vs references on random inputs (scan, span reads, step vs forward,
+                graphed decode, KV-cache GPT, BitDelta packing), relative errors
+    training    ReverieLM `base` vs the GPT baseline (bench/baselines.py), bf16 autocast, T=2048:
+                tokens/s, MFU, and the ratio; Reverie eager and with its parts compiled
+    generation  decoding one byte per user with per-user states, batch 1/16/64/256, learn off/on,
+                eager and CUDA-graphed, vs the GPT with a KV cache at 2K context
+    sleep       model.consolidation.consolidate on synthetic replay: interactions per second
+    bitdelta    pack/unpack/apply throughput as a fraction of the measured copy bandwidth
+
+Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a short table last.
+
+    python bench/gpu_suite.py --smoke --out /tmp/gpu.json   # tiny sizes on CPU (tests run this)
+
+On the device, one call (~9 minutes), carrying `.whl` with accelerated_scan-0.3.1 (the fused
+Triton scan; `pip download --no-deps accelerated-scan==0.3.1 -d .whl`):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site; PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py
+
+then copy $OUT/gpu.json to bench/results/gpu.json. Without the wheel the scan falls back to the
+log-depth torch scan (recorded as scan_backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.baselines import GPT  # noqa: E402
+from model.config import ModelConfig, preset  # noqa: E402
+from model.fast_state import FastState  # noqa: E402
+from model.lm import ReverieLM, bits_per_byte  # noqa: E402
+from model.memory import Segment, span_segments  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput
+GOALS = {"training_ratio": 1.0, "training_mfu": 0.40, "learn_on_vs_off": 0.9, "reverie_vs_kv_gpt": 3.0,
+         "sleep_interactions_per_s": 1e6 / 600, "bitdelta_fraction_of_copy": 0.5}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each section runs: the device sizes, or tiny ones for the CPU smoke run."""
+
+    reverie: str = "base"
+    gpt: dict = dataclasses.field(default_factory=dict)  # GPT() defaults: 12 x 768, 87M
+    train_batch: int = 16
+    seq_len: int = 2048
+    train_warmup: int = 3
+    train_steps: int = 8
+    decode_batches: tuple[int, ...] = (1, 16, 64, 256)
+    decode_context: int = 2048
+    decode_steps: int = 30
+    sleep_preset: str = "base"
+    sleep_steps: int = 20
+    sleep_users_texts: int = 32  # interactions per user per night
+    sleep_bulk: tuple[int, int] = (64, 256)  # batch, seq_len of the shared-consolidation throughput run
+    pack_numel: int = 1 << 28
+    copy_bytes: int = 2 << 30
+    matmul_n: int = 8192
+    budgets: dict = dataclasses.field(default_factory=lambda: {
+        "bandwidth": 20, "checks": 60, "training": 230, "generation": 90, "sleep": 45, "bitdelta": 60})
+    total_budget: int = 520  # seconds; the device allows 600 per command, imports and pip come first
+
+
+SMOKE = Sizes(reverie="tiny", gpt={"n_layers": 2, "d_model": 64, "n_heads": 2, "max_len": 512}, train_batch=2,
+              seq_len=64, train_warmup=1, train_steps=2, decode_batches=(1, 4), decode_context=64, decode_steps=3,
+              sleep_preset="tiny", sleep_steps=2, sleep_users_texts=8, sleep_bulk=(4, 64), pack_numel=1 << 16,
+              copy_bytes=8 << 20, matmul_n=256,
+              budgets={"bandwidth": 60, "checks": 90, "training": 90, "generation": 90, "sleep": 90, "bitdelta": 60},
+              total_budget=400)
+
+
+# --- timing and bookkeeping ---------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 10,
+            max_s: float = 5.0) -> dict:
+    """Median and min milliseconds of fn() after warmup: CUDA events on the GPU, perf_counter on CPU.
+    Stops repeating after max_s seconds (at least one timed run)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times, started = [], time.perf_counter()
+    for _ in range(repeat):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000.0)
+        if time.perf_counter() - started > max_s:
+            break
+    return {"ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (METHOD.md)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-300))
+
+
+class Recorder:
+    """A section's results, rewritten to its JSON file after every item so a killed section keeps
+    what it finished. deadline: wall-clock time.time() at which the parent kills the section."""
+
+    def __init__(self, path: Path, deadline: float) -> None:
+        self.path, self.deadline = path, deadline
+        self.data: dict = {"items": {}, "skipped": []}
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def item(self, name: str, fn: Callable[[], dict], min_left_s: float = 3.0) -> dict | None:
+        """Run one measurement; record its dict, or its error, or that the budget ran out."""
+        if self.left() < min_left_s:
+            self.data["skipped"].append(name)
+            self.flush()
+            return None
+        print(f"  {name} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as error:  # noqa: BLE001 - one failed item must not lose the others
+            result = {"error": f"{type(error).__name__}: {error}"[:500], "trace": traceback.format_exc()[-1500:]}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        self.data["items"][name] = result
+        self.flush()
+        return result
+
+    def flush(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+
+# --- shared builders ----------------------------------------------------------------------------
+
+def gpt_model(sizes: Sizes) -> GPT:
+    return GPT(**sizes.gpt)
+
+
+def warm_state(config: ModelConfig, batch: int, device: torch.device, seed: int, start: int) -> FastState:
+    """A FastState as after `start` bytes of use: random half-full memories, a full working-memory
+    window, users at different offsets inside a span. Never zeros (METHOD.md)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    state = FastState.empty(config, batch, device=device)
+
+    def randn(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g, device=device) * scale
+
+    def strengths(t: torch.Tensor, budget: float) -> torch.Tensor:
+        used = torch.rand(t.shape, generator=g, device=device) < 0.75
+        return torch.rand(t.shape, generator=g, device=device) * used * (budget / t.shape[-1])
+
+    state.pos = start + torch.randint(0, config.span, (batch,), generator=g, device=device)
+    state.scan_h = randn(state.scan_h, 0.1)
+    state.pm_k, state.pm_v = F.normalize(randn(state.pm_k), dim=-1), randn(state.pm_v, 0.1)
+    state.pm_s = strengths(state.pm_s, config.pm_budget)
+    state.em_k, state.em_v = F.normalize(randn(state.em_k), dim=-1), randn(state.em_v, 0.1)
+    state.em_s = strengths(state.em_s, config.em_budget)
+    state.pm_elig_k, state.pm_elig_v = randn(state.pm_elig_k), randn(state.pm_elig_v, 0.1)
+    state.em_elig_k, state.em_elig_v = randn(state.em_elig_k), randn(state.em_elig_v, 0.1)
+    state.wm_k, state.wm_v = randn(state.wm_k), randn(state.wm_v)
+    recent = state.pos[:, None] - config.window + torch.arange(config.window, device=device)  # (b, W)
+    state.wm_pos = torch.empty_like(state.wm_pos).scatter_(1, recent % config.window, recent)
+    return state
+
+
+def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: bool
+                   ) -> tuple[torch.Tensor, FastState]:
+    """`lm.step` without host syncs: whose span ends is a (b,) mask computed on the device, and the
+    working memory takes its cached path (right for an empty cache too). byte (b,) -> logits (b, 1, 256)."""
+    span = lm.config.span
+    closes = (state.pos % span) + 1 == span
+    return lm._run(byte[:, None], state, learn, lm.config.n_layers, [Segment(0, 1, closes_span=closes)],
+                   fresh=False)
+
+
+class GraphedDecode:
+    """ReverieLM's one-byte step (`_run`, which has no host syncs) captured in a CUDA graph.
+
+    The state lives in static buffers; after each replay the returned tensors are copied into them
+    (tensors a forward returned unchanged are the buffers themselves and are not copied). Whose
+    span closes is computed on the device, so with learn on the write runs for every user and
+    `_close_span` keeps it only where a span ends.
+    """
+
+    def __init__(self, lm: ReverieLM, state: FastState, learn: bool) -> None:
+        self.lm, self.learn = lm, learn
+        self.state = state.clone()
+        self.byte = torch.zeros(state.batch_size, dtype=torch.long, device=state.pos.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.out = self._step()
+
+    def _step(self) -> tuple[torch.Tensor, FastState]:
+        return sync_free_step(self.lm, self.byte, self.state, self.learn)
+
+    def __call__(self, byte: torch.Tensor) -> torch.Tensor:
+        """byte (b,) -> logits (b, 256); advances the static state."""
+        self.byte.copy_(byte)
+        self.graph.replay()
+        for name, tensor in self.out.tensors().items():
+            target = getattr(self.state, name)
+            if tensor is not target:
+                target.copy_(tensor)
+        return self.logits[:, 0]
+
+
+class KVCacheGPT:
+    """The GPT baseline decoding one byte per sequence with a preallocated KV cache.
+
+    cache k/v: (layers, b, heads, context, d_head). `step(byte, pos)` writes position `pos` (the same
+    for every row, a Python int, so it is graph-capturable for a fixed pos) and attends to 0..pos.
+    """
+
+    def __init__(self, gpt: GPT, batch: int, context: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.gpt = gpt
+        heads = gpt.blocks[0].n_heads
+        shape = (len(gpt.blocks), batch, heads, context, gpt.d_model // heads)
+        g = torch.Generator(device=device).manual_seed(0)
+        self.k = torch.randn(shape, generator=g, device=device, dtype=dtype)  # a full context of random keys
+        self.v = torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    def step(self, byte: torch.Tensor, pos: int) -> torch.Tensor:
+        """byte (b,) -> logits (b, 256)."""
+        gpt = self.gpt
+        x = gpt.embed(byte) + gpt.pos.weight[pos]
+        for i, block in enumerate(gpt.blocks):
+            q, k, v = (t.unflatten(-1, (block.n_heads, -1)) for t in block.qkv(block.attn_norm(x)).chunk(3, dim=-1))
+            self.k[i, :, :, pos] = k.to(self.k.dtype)
+            self.v[i, :, :, pos] = v.to(self.v.dtype)
+            y = F.scaled_dot_product_attention(q[:, :, None].to(self.k.dtype), self.k[i, :, :, :pos + 1],
+                                               self.v[i, :, :, :pos + 1])  # (b, h, 1, dh)
+            x = x + block.proj(y.flatten(1))
+            x = x + block.down(F.gelu(block.up(block.mlp_norm(x))))
+        return F.linear(gpt.norm(x), gpt.embed.weight)
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture fn (no host syncs, static inputs) in a CUDA graph; returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def compile_parts(lm: ReverieLM, backend: str = "inductor") -> None:
+    """torch.compile the per-layer pieces, not the span loop: each layer's mixer and feed-forward,
+    the one-span memory write and the batched memory read, and the working memory. The Python loop
+    over spans stays eager and calls the compiled write once per span; layers of one shape share
+    the compiled code."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in lm.blocks:
+        for layer in block.layers:
+            layer.mixer.compile(backend=backend)
+            layer.ff.compile(backend=backend)
+            layer.procedural.write = torch.compile(layer.procedural.write, backend=backend)
+            layer.procedural.read = torch.compile(layer.procedural.read, backend=backend)
+        block.episodic.write = torch.compile(block.episodic.write, backend=backend)
+        block.episodic.read = torch.compile(block.episodic.read, backend=backend)
+    lm.working_memory.compile(backend=backend)
+
+
+def scan_backend(device: torch.device) -> str:
+    from model import scan
+    return "accelerated-scan (Triton)" if device.type == "cuda" and scan._triton_scan is not None else "log-depth torch"
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+def section_bandwidth(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    def copy() -> dict:
+        src = torch.randn(sizes.copy_bytes // 4, device=device)
+        dst = torch.empty_like(src)
+        t = time_ms(lambda: dst.copy_(src), device, warmup=3, repeat=20)
+        moved = 2 * src.numel() * 4  # read + write
+        assert torch.equal(dst, src)
+        return {**t, "bytes": moved, "tb_s": moved / (t["ms"] / 1000) / 1e12}
+
+    def matmul() -> dict:
+        n = sizes.matmul_n
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        t = time_ms(lambda: a @ b, device, warmup=3, repeat=10)
+        return {**t, "n": n, "dtype": str(dtype), "tflop_s": 2 * n ** 3 / (t["ms"] / 1000) / 1e12}
+
+    rec.item("copy", copy)
+    rec.item("matmul", matmul)
+
+
+def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    from model.bitdelta import pack_signs, unpack_signs
+    from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace, run_over_spans, run_over_spans_reference
+    from model.scan import affine_scan, affine_scan_reference, log_depth_scan
+
+    def check(err: float, tol: float, **extra) -> dict:
+        return {"rel_err": err, "tol": tol, "ok": bool(err <= tol), **extra}
+
+    def scan() -> dict:
+        g = torch.Generator(device=device).manual_seed(1)
+        shape = (2, sizes.seq_len, 64)
+        a = 0.5 + 0.5 * torch.rand(shape, generator=g, device=device)
+        b = torch.randn(shape, generator=g, device=device)
+        h0 = torch.randn(shape[0], shape[2], generator=g, device=device)
+        w = torch.randn(shape, generator=g, device=device)
+        fast_in = [t.clone().requires_grad_() for t in (a, b, h0)]
+        fast = affine_scan(*fast_in)
+        (fast * w).sum().backward()
+        ref = affine_scan_reference(a.double().cpu(), b.double().cpu(), h0.double().cpu())
+        ref_in = [t.double().cpu().requires_grad_() for t in (a, b, h0)]
+        wide = torch.cat([ref_in[1][:, :1] + ref_in[0][:, :1] * ref_in[2][:, None], ref_in[1][:, 1:]], dim=1)
+        (log_depth_scan(ref_in[0], wide) * w.double().cpu()).sum().backward()
+        grad = max(rel_err(f.grad, r.grad) for f, r in zip(fast_in, ref_in))
+        return check(max(rel_err(fast, ref), grad), 1e-5, backend=scan_backend(device), grad_rel_err=grad)
+
+    def span_reads() -> dict:
+        config = preset(sizes.reverie)
+        errors = {}
+        for kind in ("pm", "em"):
+            torch.manual_seed(0)
+            memory = (ProceduralMemory(0.9, 3.0) if kind == "pm" else
+                      EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget))
+            memory = memory.to(device).double()
+            m = config.pm_rank if kind == "pm" else config.em_slots
+            g = torch.Generator(device=device).manual_seed(2)
+            randn = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float64)  # noqa: E731
+            length = min(sizes.seq_len, 5 * config.span + 3)
+            queries, values = F.normalize(randn(2, length, config.d_model), dim=-1), randn(2, length, config.d_model)
+            slots = Slots(F.normalize(randn(2, m, config.d_model), dim=-1), randn(2, m, config.d_model),
+                          torch.rand(2, m, generator=g, device=device, dtype=torch.float64))
+            trace = Trace(randn(2, config.d_model), randn(2, config.d_model))
+            for learn in (True, False):
+                segments = span_segments(7, length, config.span)
+                fast = run_over_spans(memory, queries, values, slots, trace, segments, config.span, learn)
+                ref = run_over_spans_reference(memory, queries, values, slots, trace, segments, config.span, learn)
+                errors[f"{kind} learn={learn}"] = max(rel_err(f, r) for f, r in
+                                                      zip((fast[0], *fast[1], *fast[2]), (ref[0], *ref[1], *ref[2])))
+        return check(max(errors.values()), 1e-9, dtype="float64", cases=errors)
+
+    def step_vs_forward() -> dict:
+        torch.manual_seed(0)
+        config = preset("tiny")
+        lm = ReverieLM(config).to(device).double().eval()
+        tokens = torch.randint(0, 256, (2, 3 * config.span + 5), device=device)
+        parallel, _ = lm(tokens, FastState.empty(config, 2, device=device, dtype=torch.float64))
+        state, stepped = FastState.empty(config, 2, device=device, dtype=torch.float64), []
+        for t in range(tokens.shape[1]):
+            logits, state = lm.step(tokens[:, t], state)
+            stepped.append(logits)
+        return check(rel_err(torch.stack(stepped, 1), parallel), 1e-9, dtype="float64")
+
+    def graphed_decode() -> dict:
+        torch.manual_seed(0)
+        config = preset("tiny")
+        lm = ReverieLM(config).to(device).eval()
+        state = warm_state(config, 8, device, seed=3, start=3 * config.span)
+        errors = {}
+        with torch.no_grad():
+            for learn in (False, True):
+                graph, eager_state, eager, replayed = GraphedDecode(lm, state, learn), state, [], []
+                for i in range(2 * config.span):  # every user's span closes once
+                    byte = torch.randint(0, 256, (8,), device=device,
+                                         generator=torch.Generator(device=device).manual_seed(i))
+                    logits, eager_state = lm.step(byte, eager_state, learn=learn)
+                    eager.append(logits)
+                    replayed.append(graph(byte).clone())
+                errors[f"learn={learn}"] = max(rel_err(torch.stack(replayed), torch.stack(eager)),
+                                               rel_err(graph.state.em_v, eager_state.em_v))
+        return check(max(errors.values()), 1e-5, cases=errors)
+
+    def kv_gpt() -> dict:
+        torch.manual_seed(0)
+        gpt = GPT(n_layers=2, d_model=64, n_heads=2, max_len=64).to(device).eval()
+        tokens = torch.randint(0, 256, (3, 40), device=device)
+        with torch.no_grad():
+            full = gpt(tokens)
+            cache = KVCacheGPT(gpt, 3, 64, device, torch.float32)
+            steps = torch.stack([cache.step(tokens[:, t], t) for t in range(tokens.shape[1])], 1)
+        return check(rel_err(steps, full), 1e-5)
+
+    def bitdelta_packing() -> dict:
+        g = torch.Generator(device=device).manual_seed(4)
+        x = torch.randn(1_000_003, generator=g, device=device)
+        x[::97] = 0.0
+        packed = pack_signs(x)
+        same = torch.equal(packed.cpu(), pack_signs(x.cpu()))
+        roundtrip = torch.equal(unpack_signs(packed, x.numel()), torch.where(x >= 0, 1.0, -1.0))
+        return {"ok": bool(same and roundtrip), "packed_equals_cpu": same, "roundtrip_exact": roundtrip}
+
+    rec.item("scan", scan)
+    rec.item("span_reads", span_reads)
+    rec.item("step_vs_forward", step_vs_forward)
+    if device.type == "cuda":
+        rec.item("graphed_decode", graphed_decode)
+    else:
+        rec.data["skipped"].append("graphed_decode (needs CUDA)")
+    rec.item("kv_cache_gpt", kv_gpt)
+    rec.item("bitdelta_packing", bitdelta_packing)
+
+
+def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    data_g = torch.Generator().manual_seed(0)
+
+    def measure(variant: str) -> dict:
+        """At the configured batch, halving it after each out-of-memory error."""
+        batch = sizes.train_batch
+        while True:
+            try:
+                return train_steps(variant, batch)
+            except torch.cuda.OutOfMemoryError:
+                if batch == 1:
+                    raise
+            batch //= 2  # outside the except block, so the failed step's tensors can be freed
+            torch.cuda.empty_cache()
+
+    def train_steps(variant: str, batch: int) -> dict:
+        torch.manual_seed(0)
+        if variant.startswith("gpt"):
+            net = gpt_model(sizes)
+            forward = net
+            flops_per_token = net.flops_per_token(sizes.seq_len)
+        else:
+            config = preset(sizes.reverie)
+            net = ReverieLM(config)
+            forward = lambda x: net(x)[0]  # noqa: E731
+            flops_per_token = 6 * net.num_params() + 6 * config.d_model * config.window  # as train_throughput
+        net.to(device)
+        if variant == "gpt-compile":
+            forward = torch.compile(net)
+        elif variant == "reverie-compile-parts":
+            compile_parts(net)
+        cuda = device.type == "cuda"
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda, capturable=variant == "reverie-graph")
+        data = torch.randint(0, 256, (batch, sizes.seq_len + 1), generator=data_g).to(device)
+
+        def step() -> torch.Tensor:
+            with autocast(device):
+                loss = bits_per_byte(forward(data[:, :-1]), data[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        started = time.perf_counter()
+        if variant == "reverie-graph":
+            step, first_loss = graphed_train_step(net, optimizer, data, device)
+        else:
+            first_loss = float(step())
+        for _ in range(sizes.train_warmup - 1):
+            step()
+        synchronize(device)
+        warmup_s = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timing = time_ms(step, device, warmup=0, repeat=sizes.train_steps, max_s=max(5.0, rec.left() - 10))
+        tokens_per_s = batch * sizes.seq_len / (timing["ms"] / 1000)
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        result = {"params": sum(p.numel() for p in net.parameters()), "batch": batch, "seq_len": sizes.seq_len,
+                  "tokens_per_s": tokens_per_s, "step_ms": timing["ms"], "step_min_ms": timing["min_ms"],
+                  "steps": timing["runs"], "warmup_s": warmup_s, "first_loss": first_loss,
+                  "flops_per_token": flops_per_token,
+                  "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                  "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        del net, optimizer, forward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
+
+    rec.data["scan_backend"] = scan_backend(device)
+    variants = (["gpt-compile", "reverie-eager", "reverie-graph", "reverie-compile-parts"] if device.type == "cuda"
+                else ["gpt-eager", "reverie-eager"])
+    for variant in variants:
+        rec.item(variant, lambda v=variant: measure(v), min_left_s=20 if device.type == "cuda" else 3)
+
+
+def graphed_train_step(lm: ReverieLM, optimizer: torch.optim.Optimizer, data: torch.Tensor,
+                       device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
+    """The whole training step (forward through the sync-free `_run`, backward, a capturable AdamW
+    step) captured in one CUDA graph: no launch overhead left, only the kernels themselves.
+    data: (b, T + 1) bytes, static. Returns replay (which gives the step's loss) and the loss of
+    the first, eager warm-up step."""
+    config = lm.config
+    empty = FastState.empty(config, data.shape[0], device=device)
+    segments = span_segments(0, data.shape[1] - 1, config.span)
+
+    def step() -> torch.Tensor:
+        with autocast(device):
+            logits, _ = lm._run(data[:, :-1], empty, True, config.n_layers, segments, fresh=True)
+            loss = bits_per_byte(logits, data[:, 1:])
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warmup_losses = []
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            warmup_losses.append(step())
+    torch.cuda.current_stream().wait_stream(stream)
+    first_loss = float(warmup_losses[0])
+    optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates the gradients
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return loss
+    return replay, first_loss
+
+
+def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    config = preset(sizes.reverie)
+    torch.manual_seed(0)
+    lm = ReverieLM(config).to(device).eval()
+    gpt = gpt_model(sizes).to(device).eval()
+    context = min(sizes.decode_context, gpt.pos.weight.shape[0])
+    bytes_g = torch.Generator(device=device).manual_seed(5)
+    cuda = device.type == "cuda"
+
+    def per_second(batch: int, timing: dict) -> dict:
+        return {**timing, "batch": batch, "bytes_per_s": batch / (timing["ms"] / 1000)}
+
+    def reverie(batch: int, learn: bool, graph: bool) -> dict:
+        state = warm_state(config, batch, device, seed=batch, start=context)
+        byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
+        if graph:
+            decode = GraphedDecode(lm, state, learn)
+            timing = time_ms(lambda: decode(byte), device, warmup=2, repeat=sizes.decode_steps)
+        else:
+            holder = {"state": state}
+
+            def step() -> None:
+                _, holder["state"] = lm.step(byte, holder["state"], learn=learn)
+            timing = time_ms(step, device, warmup=2, repeat=sizes.decode_steps)
+        return per_second(batch, timing)
+
+    def kv_gpt(batch: int, graph: bool) -> dict:
+        cache = KVCacheGPT(gpt, batch, context, device, torch.bfloat16 if cuda else torch.float32)
+        byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
+        fn = graphed(lambda: cache.step(byte, context - 1)) if graph else (lambda: cache.step(byte, context - 1))
+        return {**per_second(batch, time_ms(fn, device, warmup=2, repeat=sizes.decode_steps)), "context": context}
+
+    rec.data["context"] = context
+    with torch.no_grad(), autocast(device):  # one autocast context: weight casts are cached across steps
+        for batch in sizes.decode_batches:
+            for graph in ((True, False) if cuda else (False,)):  # graphs first: the figures that matter
+                mode = "graph" if graph else "eager"
+                for learn in (False, True):
+                    rec.item(f"reverie b={batch} learn={'on' if learn else 'off'} {mode}",
+                             lambda b=batch, on=learn, g=graph: reverie(b, on, g))
+                rec.item(f"gpt-kv b={batch} {mode}", lambda b=batch, g=graph: kv_gpt(b, g))
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    from model.consolidation import Replay, SleepConfig, consolidate
+
+    config = preset(sizes.sleep_preset)
+    rng = random.Random(0)
+    words = ["door", "code", "blue", "river", "seven", "lamp", "north", "violin", "tea", "garden", "Mara", "Olek"]
+
+    def interaction() -> bytes:
+        said = " ".join(rng.choice(words) for _ in range(12))
+        return f"user: remember that {said}. assistant: noted, {said}.".encode()
+
+    rehearsal = bytes(rng.randrange(32, 127) for _ in range(200_000))
+
+    def run(sleep_config: SleepConfig, texts: list[bytes], steps: int) -> float:
+        """Seconds per optimizer step of `consolidate` (after a 2-step warm-up run)."""
+        torch.manual_seed(0)
+        student, teacher = ReverieLM(config), ReverieLM(config)
+        state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
+        replay = Replay(texts=texts, state=state)
+        with autocast(device):
+            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=2),
+                        device=device)
+            synchronize(device)
+            started = time.perf_counter()
+            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=steps),
+                        device=device)
+            synchronize(device)
+        return (time.perf_counter() - started) / steps
+
+    def per_user_night() -> dict:
+        """The nightly recipe as the workers run it: one user's night, SleepConfig() steps."""
+        recipe = SleepConfig()
+        texts = [interaction() for _ in range(sizes.sleep_users_texts)]
+        step_s = run(recipe, texts, sizes.sleep_steps)
+        night_s = step_s * recipe.steps
+        return {"preset": sizes.sleep_preset, "recipe_steps": recipe.steps, "batch_size": recipe.batch_size,
+                "seq_len": recipe.seq_len, "step_ms": step_s * 1000, "user_night_s": night_s,
+                "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
+                "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
+
+    def shared_bulk() -> dict:
+        """Throughput bound: one big-batch consolidation over many users' interactions; an
+        interaction counts as consolidated once its bytes have been replayed once."""
+        batch, seq_len = sizes.sleep_bulk
+        texts = [interaction() for _ in range(4096)]
+        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len)
+        step_s = run(bulk, texts, sizes.sleep_steps)
+        mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
+        replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
+        return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,
+                "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
+                "interactions_per_s": replayed_bytes_per_s / mean_bytes,
+                "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
+
+    rec.item("per_user_night", per_user_night)
+    rec.item("shared_bulk", shared_bulk)
+
+
+def section_bitdelta(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
+    from model.bitdelta import apply_delta, compress, pack_signs, remove_delta, select_matrices, unpack_signs
+
+    n = sizes.pack_numel
+    g = torch.Generator(device=device).manual_seed(6)
+    cuda = device.type == "cuda"
+
+    def throughput(fn: Callable[[], object], moved: float) -> dict:
+        t = time_ms(fn, device, warmup=3, repeat=10)
+        return {**t, "min_bytes": moved, "gb_s": moved / (t["ms"] / 1000) / 1e9}
+
+    x = torch.randn(n, generator=g, device=device)
+    packed = pack_signs(x)
+    rec.item("pack fp32", lambda: throughput(lambda: pack_signs(x), 4 * n + n / 8))
+    rec.item("unpack to bf16", lambda: throughput(lambda: unpack_signs(packed, n, torch.bfloat16), n / 8 + 2 * n))
+    if cuda:
+        pack_c, unpack_c = torch.compile(pack_signs), torch.compile(unpack_signs)
+
+        def compiled(fn: Callable[[], torch.Tensor], expected: torch.Tensor, moved: float) -> dict:
+            same = torch.equal(fn(), expected)
+            return {**throughput(fn, moved), "equals_eager": same}
+        rec.item("pack fp32 compiled", lambda: compiled(lambda: pack_c(x), packed, 4 * n + n / 8))
+        rec.item("unpack to bf16 compiled", lambda: compiled(lambda: unpack_c(packed, n, torch.bfloat16),
+                                                             unpack_signs(packed, n, torch.bfloat16), n / 8 + 2 * n))
+    del x
+
+    def apply() -> dict:
+        torch.manual_seed(0)
+        lm = ReverieLM(preset(sizes.reverie)).to(device)
+        base = {k: v.clone() for k, v in lm.state_dict().items()}
+        tuned = {k: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+        names = select_matrices(lm)
+        delta = compress(base, tuned, names, "bench")
+        numel = sum(math.prod(delta.shapes[name]) for name in names)
+        handle = {}
+
+        def on() -> None:
+            handle["h"] = apply_delta(lm, delta)
+
+        def off() -> None:
+            remove_delta(lm, handle.pop("h"))
+
+        on_times, off_times = [], []
+        for _ in range(6):
+            on_times.append(time_ms(on, device, warmup=0, repeat=1)["ms"])
+            off_times.append(time_ms(off, device, warmup=0, repeat=1)["ms"])
+        restored = all(torch.equal(lm.state_dict()[k], v) for k, v in base.items())
+        moved = numel * (4 + 4) + numel / 8  # read and write each weight once, read its sign bit
+        apply_ms = statistics.median(on_times[1:])
+        result = {"matrices": len(names), "numel": numel, "apply_ms": apply_ms,
+                  "remove_ms": statistics.median(off_times[1:]), "min_bytes": moved,
+                  "gb_s": moved / (apply_ms / 1000) / 1e9, "restored_exactly": restored}
+        if cuda:
+            result["fused"] = fused_apply(lm, delta, names, moved)
+        return result
+
+    def fused_apply(lm, delta, names: list[str], moved: float) -> dict:
+        """What one fused pass per matrix reaches: w += scale * sign, compiled, no backup copy
+        (apply_delta keeps one for bit-exact removal). Checked against apply_delta's weights."""
+        add = torch.compile(lambda w, signs, scale: w.add_(unpack_signs(signs, w.numel()).view_as(w) * scale))
+        params = {name: lm.get_parameter(name) for name in names}
+        with torch.no_grad():
+            handle = apply_delta(lm, delta)
+            expected = {name: p.detach().clone() for name, p in params.items()}
+            remove_delta(lm, handle)
+
+            def run() -> None:
+                for name, p in params.items():
+                    add(p, delta.signs[name], delta.scales[name])
+            run()
+            same = max(rel_err(p, expected[name]) for name, p in params.items())
+            t = time_ms(run, device, warmup=1, repeat=5)
+        return {**t, "gb_s": moved / (t["ms"] / 1000) / 1e9, "rel_err_vs_apply_delta": same}
+
+    rec.item("apply_delta", apply)
+
+
+SECTIONS: dict[str, Callable[[Sizes, torch.device, Recorder], None]] = {
+    "bandwidth": section_bandwidth, "checks": section_checks, "training": section_training,
+    "generation": section_generation, "sleep": section_sleep, "bitdelta": section_bitdelta}
+
+
+# --- the parent: sections in subprocesses, summary, table ---------------------------------------
+
+def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
+    timeout = min(sizes.budgets[name], deadline - time.monotonic())
+    if timeout < 5:
+        return {"error": "skipped: the suite's total time budget is spent"}
+    print(f"[{name}] budget {timeout:.0f}s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
+                   "--deadline", str(time.time() + timeout)]
+        if smoke:
+            command.append("--smoke")
+        started = time.monotonic()
+        error = None
+        try:
+            done = subprocess.run(command, cwd=ROOT, timeout=timeout + 10, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-3:] if done.stderr.strip() else []
+                error = f"section exited with code {done.returncode}: {' | '.join(tail)}"[:800]
+                sys.stderr.write(done.stderr[-3000:])
+        except subprocess.TimeoutExpired:
+            error = f"section killed after {timeout + 10:.0f}s (its budget); items finished before are kept"
+        result = json.loads(path.read_text()) if path.exists() else {"items": {}}
+    result["seconds"] = round(time.monotonic() - started, 1)
+    if error:
+        result["error"] = error
+    return result
+
+
+def summarize(results: dict) -> dict:
+    """Ratios against the baselines and ceilings measured in the same run."""
+    item = lambda section, name: results.get(section, {}).get("items", {}).get(name) or {}  # noqa: E731
+    ok = lambda r: r and "error" not in r  # noqa: E731
+    summary: dict = {"goals": GOALS}
+    copy_tb_s = item("bandwidth", "copy").get("tb_s")
+    matmul = item("bandwidth", "matmul").get("tflop_s")
+    train = results.get("training", {}).get("items", {})
+    gpt = next((train[k] for k in ("gpt-compile", "gpt-eager") if ok(train.get(k))), None)
+    reveries = {k: v for k, v in train.items() if k.startswith("reverie") and ok(v)}
+    if gpt and reveries:
+        best_name, best = max(reveries.items(), key=lambda kv: kv[1]["tokens_per_s"])
+        summary["training"] = {"best_reverie": best_name, "ratio": best["tokens_per_s"] / gpt["tokens_per_s"],
+                               "reverie_mfu": best.get("mfu"), "gpt_mfu": gpt.get("mfu")}
+        if matmul:
+            summary["training"]["reverie_mfu_of_measured_matmul"] = (
+                best["flops_per_token"] * best["tokens_per_s"] / (matmul * 1e12))
+        eager = reveries.get("reverie-eager")
+        for name, r in reveries.items():  # same seed, weights and data: the first losses must agree
+            if eager and name != "reverie-eager" and eager["batch"] == r["batch"]:
+                summary["training"][f"{name}_first_loss_rel_diff"] = abs(r["first_loss"] / eager["first_loss"] - 1)
+    gen = results.get("generation", {}).get("items", {})
+    rows = {}
+    for name, r in gen.items():
+        if not ok(r) or not name.startswith("reverie"):
+            continue
+        _, b, learn, mode = name.split()
+        rows.setdefault((b, mode), {})[learn] = r["bytes_per_s"]
+    summary["generation"] = {}
+    for (b, mode), by in sorted(rows.items()):
+        entry = {"bytes_per_s_off": by.get("learn=off"), "bytes_per_s_on": by.get("learn=on")}
+        if by.get("learn=off") and by.get("learn=on"):
+            entry["learn_on_vs_off"] = by["learn=on"] / by["learn=off"]
+        kv = gen.get(f"gpt-kv {b} {mode}") or {}
+        if ok(kv) and by.get("learn=on"):
+            entry["reverie_learn_on_vs_kv_gpt"] = by["learn=on"] / kv["bytes_per_s"]
+        summary["generation"][f"{b} {mode}"] = entry
+    sleep = results.get("sleep", {}).get("items", {})
+    summary["sleep"] = {k: v.get("interactions_per_s") for k, v in sleep.items() if ok(v)}
+    if copy_tb_s:
+        summary["bitdelta"] = {k: v["gb_s"] / (copy_tb_s * 1000) for k, v in
+                               results.get("bitdelta", {}).get("items", {}).items() if ok(v) and "gb_s" in v}
+        fused = item("bitdelta", "apply_delta").get("fused") or {}
+        if "gb_s" in fused:
+            summary["bitdelta"]["apply fused (compiled, no backup)"] = fused["gb_s"] / (copy_tb_s * 1000)
+    checks = results.get("checks", {}).get("items", {})
+    summary["checks_ok"] = bool(checks) and all(c.get("ok") for c in checks.values())
+    return summary
+
+
+def table(results: dict) -> str:
+    s = results["summary"]
+    lines = [f"device {results['meta']['device']}  torch {results['meta']['torch']}  "
+             f"scan {results.get('training', {}).get('scan_backend', '?')}  total {results['meta']['total_s']:.0f}s"]
+    bw = results.get("bandwidth", {}).get("items", {})
+    if "tb_s" in bw.get("copy", {}):
+        matmul = bw.get("matmul", {}).get("tflop_s", float("nan"))
+        lines.append(f"copy {bw['copy']['tb_s']:.2f} TB/s   matmul {matmul:.0f} TFLOP/s")
+    checks = results.get("checks", {}).get("items", {})
+    lines.append("checks: " + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAIL'}" for k, v in checks.items()))
+    lines.append(f"{'training':<24}{'tokens/s':>12}{'MFU':>7}{'batch':>6}{'step ms':>9}{'mem GB':>8}")
+    for name, r in results.get("training", {}).get("items", {}).items():
+        if "error" in r:
+            lines.append(f"{name:<24}ERROR {r['error'][:70]}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
+        lines.append(f"{name:<24}{r['tokens_per_s']:>12,.0f}{mfu:>7}{r['batch']:>6}{r['step_ms']:>9.1f}{mem:>8}")
+    if "training" in s:
+        lines.append(f"  ratio reverie/gpt {s['training']['ratio']:.3f} (goal >= {GOALS['training_ratio']})")
+    lines.append(f"{'generation bytes/s':<24}{'learn off':>12}{'learn on':>12}{'on/off':>8}{'vs kv-gpt':>10}")
+    for key, e in s.get("generation", {}).items():
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        lines.append(f"  {key:<22}{fmt(e.get('bytes_per_s_off'), '>12,.0f')}{fmt(e.get('bytes_per_s_on'), '>12,.0f')}"
+                     f"{fmt(e.get('learn_on_vs_off'), '>8.2f')}{fmt(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}")
+    for name, v in s.get("sleep", {}).items():
+        lines.append(f"sleep {name}: {v:,.1f} interactions/s (goal {GOALS['sleep_interactions_per_s']:,.0f})")
+    for name, v in s.get("bitdelta", {}).items():
+        lines.append(f"bitdelta {name}: {v:.1%} of copy bandwidth")
+    for section in SECTIONS:
+        r = results.get(section, {})
+        if r.get("error") or r.get("skipped"):
+            lines.append(f"[{section}] {r.get('error', '')} skipped={r.get('skipped', [])}"[:200])
+        for name, item in r.get("items", {}).items():
+            if "error" in item and section != "training":
+                lines.append(f"[{section}] {name}: {item['error'][:150]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, every section")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    parser.add_argument("--out", help="JSON path (default bench/results/gpu.json, or gpu_smoke.json with --smoke)")
+    parser.add_argument("--section", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else Sizes()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.section:  # child: one section
+        torch.backends.cuda.matmul.allow_tf32 = True
+        if args.smoke:
+            torch.set_num_threads(1)  # shared CPUs: more threads than free cores runs many times slower
+        rec = Recorder(Path(args.child_json), args.deadline)
+        rec.flush()
+        SECTIONS[args.section](sizes, device, rec)
+        return
+
+    started = time.monotonic()
+    deadline = started + sizes.total_budget
+    results: dict = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                              "torch": torch.__version__, "smoke": args.smoke,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "sizes": dataclasses.asdict(sizes)}}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("gpu_smoke.json" if args.smoke else "gpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device_out = os.environ.get("OUT")  # the device tool's folder that comes back
+    for name in args.sections.split(","):
+        results[name] = run_section(name, sizes, args.smoke, deadline)
+        results["meta"]["total_s"] = time.monotonic() - started
+        results["summary"] = summarize(results)
+        text = json.dumps(results, indent=1, default=str)
+        out.write_text(text)
+        if device_out:
+            Path(device_out, "gpu.json").write_text(text)
+    print("\n" + table(results))
+
+
+if __name__ == "__main__":
+    main()
