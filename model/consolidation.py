@@ -271,6 +271,36 @@ def personal_delta(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], base
             {"format": DENSE_FORMAT, "base_version": base_version})
 
 
+@dataclass(frozen=True)
+class DenseDelta:
+    """A stored dense delta, with what `model.bitdelta.apply_delta` reads of a BitDelta (names,
+    shapes, dense, base_version), so serving applies and removes either kind the same way."""
+
+    tensors: Weights
+    base_version: str
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+    def dense(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+
+def stored_delta(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> BitDelta | DenseDelta:
+    """A delta from the delta store, in the form its `format` says (both are what sleeps write)."""
+    if meta.get("format") == BITDELTA_FORMAT:
+        return BitDelta.from_tensors(tensors, meta)
+    if meta.get("format") == DENSE_FORMAT:
+        return DenseDelta({name: t.float() for name, t in tensors.items()}, str(meta["base_version"]))
+    raise ValueError(f"delta format {meta.get('format')!r} is neither {BITDELTA_FORMAT!r} nor {DENSE_FORMAT!r}; "
+                     f"was it written by another version of Reverie?")
+
+
 def dense_delta(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> Weights:
     """Read a stored delta (dense or BitDelta) as name -> dense fp32 difference."""
     if meta.get("format") == BITDELTA_FORMAT:

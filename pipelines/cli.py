@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "generate", "serve", "sleep", "search", "federate")
+COMMANDS = ("train", "generate", "serve", "sleep", "search", "federate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

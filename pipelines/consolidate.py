@@ -32,6 +32,7 @@ from model.corpus import embedded_corpus
 from model.evaluation import GateConfig, Fact, bpb, fact_from_text, gate_failures, recalled, relative_rise
 from model.fast_state import FastState
 from model.lm import ReverieLM
+from pipelines.settings import Settings
 from storage.checkpoints import CheckpointRegistry
 from storage.deltas import DeltaStore
 from storage.errors import ConflictError
@@ -119,7 +120,7 @@ def snapshot_fast_states(data: str | None) -> dict[str, bytes]:
 
 @task(retries=2, retry_delay_seconds=1)
 def read_experience(data: str | None, night: str, max_earlier: int = 2000) -> dict[str, list[dict]]:
-    """Tonight's turns, and a sample of earlier turns for rehearsal (duplicates dropped)."""
+    """Tonight's turns, and a sample of earlier turns that the sleep replays so they stay learned."""
     reader = ExperienceReader(_store(data))
     day = date.fromisoformat(night)
     columns = ["user_id", "prompt", "response", "shareable"]
@@ -150,8 +151,8 @@ def sleep_shared(data: str | None, night: Night, experience: dict[str, list[dict
     shareable = [_text(r) for r in experience["tonight"] if r["shareable"]]
     metrics: dict[str, float] = {}
     if shareable:
-        earlier = b"\n".join(_text(r) for r in experience["earlier"] if r["shareable"])
-        start, metrics = train_shared(night.config, start, base_weights, shareable, rehearsal + earlier,
+        earlier = [_text(r) for r in experience["earlier"] if r["shareable"]]
+        start, metrics = train_shared(night.config, start, base_weights, shareable, earlier, rehearsal,
                                       sleep_config, storage_path, f"sleep-{night.night}", num_workers, use_gpu)
     logger.info("shared sleep: %d shareable turns, %d aggregates, metrics %s", len(shareable), len(aggregates), metrics)
     manifest = {"night": night.night, "model_config": night.config.to_dict(), "shareable_turns": len(shareable),
@@ -270,11 +271,18 @@ def _report(night: str, candidate: str | None, metrics: dict[str, Any], users: d
 
 @flow(name="consolidate")
 def consolidate(night: str | None = None, data: str | None = None, preset_name: str = "tiny",
-                ray_address: str | None = None, num_workers: int = 1, use_gpu: bool = False,
-                sleep_config: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
-                soft_reset_keep: float = 0.5) -> dict[str, Any]:
-    """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`."""
+                ray_address: str | None = None, num_workers: int | None = None, use_gpu: bool | None = None,
+                train_storage: str | None = None, sleep_config: dict[str, Any] | None = None,
+                gate: dict[str, Any] | None = None, soft_reset_keep: float = 0.5) -> dict[str, Any]:
+    """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`.
+
+    Where it runs is configuration: unset (or empty) `ray_address`, `num_workers`, `use_gpu` and
+    `train_storage` come from `Settings` (RAY_ADDRESS, REVERIE_SLEEP_WORKERS, REVERIE_SLEEP_GPU,
+    REVERIE_TRAIN_STORAGE or reverie.toml), so a Prefect worker's environment alone can point the
+    night at a Ray cluster, and a Ray job's entrypoint joins the cluster that runs it.
+    """
     logger = get_run_logger()
+    settings = Settings.load()
     night = night or (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
     sleep_cfg, gate_cfg = SleepConfig(**(sleep_config or {})), GateConfig(**(gate or {}))
     state = open_night(data, night, preset_name)
@@ -285,9 +293,10 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     experience = read_experience(data, night)
     corpus = embedded_corpus()
     rehearsal, heldout = corpus.train[:REHEARSAL_BYTES], corpus.heldout[:REHEARSAL_BYTES // 4]
-    ensure_ray(ray_address)
-    storage_path = _train_storage(data)
-    candidate = sleep_shared(data, state, experience, rehearsal, sleep_cfg, num_workers, use_gpu, storage_path)
+    ensure_ray(ray_address or settings.ray_address)
+    storage_path = train_storage or settings.train_storage or _train_storage(data)
+    candidate = sleep_shared(data, state, experience, rehearsal, sleep_cfg, num_workers or settings.sleep_workers,
+                             settings.sleep_gpu if use_gpu is None else use_gpu, storage_path)
     users = sleep_users(data, state, candidate, experience, fast_states, rehearsal, sleep_cfg)
     metrics = evaluate_night(data, state, candidate, experience, heldout, gate_cfg)
     promoted = False

@@ -1,7 +1,8 @@
 """Run settings for the `reverie` command and the flows: one file plus the environment.
 
-Precedence: command-line flags > environment (REVERIE_*) > `reverie.toml` (or $REVERIE_CONFIG)
-> defaults. Storage settings (data root, S3 endpoint) live in `storage.config.StorageConfig`.
+Precedence: command-line flags > environment (REVERIE_*, RAY_ADDRESS) > `reverie.toml` (or
+$REVERIE_CONFIG) > defaults. Storage settings (data root, S3 endpoint) live in
+`storage.config.StorageConfig`. docs/environment.md lists every variable the code reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from storage.config import StorageConfig
 
 CONFIG_FILE = "reverie.toml"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,16 @@ class Settings:
     preset: str = "tiny"  # model preset when no checkpoint exists yet
     device: str = "auto"  # "auto" = cuda when available, else cpu
     ray_address: str | None = None  # None = start a local Ray; "auto" or ray://host:10001 for a cluster
+    # The shared sleep on Ray Train: how many workers, one GPU each or CPUs, and the run directory,
+    # which on a cluster of several nodes must be storage every node reaches (NFS path or s3://).
+    sleep_workers: int = 1
+    sleep_gpu: bool = False
+    train_storage: str | None = None  # None = <local data root>/ray_train, else a local temp dir
     storage: StorageConfig = field(default_factory=StorageConfig.from_env)
 
-    ENV = {"preset": "REVERIE_PRESET", "device": "REVERIE_DEVICE", "ray_address": "RAY_ADDRESS"}
+    ENV = {"preset": "REVERIE_PRESET", "device": "REVERIE_DEVICE", "ray_address": "RAY_ADDRESS",
+           "sleep_workers": "REVERIE_SLEEP_WORKERS", "sleep_gpu": "REVERIE_SLEEP_GPU",
+           "train_storage": "REVERIE_TRAIN_STORAGE"}
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> "Settings":
@@ -43,9 +52,23 @@ class Settings:
             raise ValueError(f"{file}: unknown settings {unknown} in [reverie]; known: {sorted(known | {'data'})}")
         for name, variable in cls.ENV.items():
             if env.get(variable):
-                values[name] = env[variable]
+                values[name] = _parse(variable, env[variable], type(getattr(cls, name)))
         storage = StorageConfig.from_env(env)
         if "data" in values and not env.get("REVERIE_DATA"):
             storage = dataclasses.replace(storage, root=values.pop("data"))
         values.pop("data", None)
         return cls(storage=storage, **values)
+
+
+def _parse(variable: str, text: str, kind: type) -> Any:
+    """An environment variable's text as the setting's type (bool and int settings; else the text)."""
+    if kind is bool:
+        if text.strip().lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{variable}={text!r} is not a yes/no value; use 1 or 0 (true/false)")
+        return text.strip().lower() in _TRUE
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} is not an integer") from None
+    return text

@@ -59,3 +59,25 @@ def test_promotion_swaps_weights_between_batches_and_soft_resets_states(engine):
     reply = engine.serve_batch([turn("ann", learn=False)])[0]
     assert reply["model_version"] == new
     assert torch.allclose(state_of(engine, "ann").em_s, strengths * engine.config.soft_reset_keep)
+
+
+def test_dense_personal_delta_written_by_a_sleep_is_served_to_its_owner_only(engine):
+    from model.checkpoint import weights
+    from model.consolidation import personal_delta
+    from storage.deltas import DeltaStore
+
+    base = weights(engine.model)
+    tuned = {name: t + 0.05 if t.is_floating_point() and t.dim() == 2 else t for name, t in base.items()}
+    tensors, meta = personal_delta(base, tuned, engine.version, "dense")
+    DeltaStore(engine.store).save_user_delta("ann", engine.version, tensors, meta)
+    probe = b"The secret word is "
+    ann, bob = engine.serve_batch([turn("ann", probe, learn=False), turn("bob", probe, learn=False)])
+    assert not isinstance(ann, Exception) and not isinstance(bob, Exception), (ann, bob)
+    plain = ServingEngine(ServingConfig(data_root=engine.config.data_root))
+    try:
+        (expected,) = plain.serve_batch([turn("carol", probe, learn=False)])
+    finally:
+        plain.close()
+    assert bob["response_b64"] == expected["response_b64"]
+    assert ann["response_b64"] != expected["response_b64"]
+    assert torch.equal(weights(engine.model)["embed.weight"], base["embed.weight"])  # removed again

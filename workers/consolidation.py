@@ -40,7 +40,7 @@ class UserNight:
 
     user_id: str
     texts: list[bytes]  # tonight's turns (prompt + response)
-    earlier: list[bytes] = field(default_factory=list)  # this user's earlier turns, for rehearsal
+    earlier: list[bytes] = field(default_factory=list)  # this user's earlier turns, replayed so they stay learned
     state: bytes | None = None  # FastState.to_bytes of the user's fast memory, if any
     old_delta: Weights | None = None  # the user's dense personal delta on the previous weights
 
@@ -71,7 +71,8 @@ def consolidate_user(config_json: str, served: Weights, candidate: Weights, nigh
 
     Teacher: the weights that served the user today (`served` + their old delta) with their fast
     state. Student: starts from the candidate shared weights + their old delta (their knowledge so
-    far, rebased), which is also the anchor. Rehearsal: base material + the user's own earlier turns.
+    far, rebased), which is also the anchor. Replay: tonight's turns and, as their own stream, the
+    user's earlier turns (Replay.earlier); rehearsal: base material only.
     """
     config = ModelConfig.from_dict(json.loads(config_json))
     old = night.old_delta or {}
@@ -83,8 +84,7 @@ def consolidate_user(config_json: str, served: Weights, candidate: Weights, nigh
     student = model_from(config, start)
     teacher = model_from(config, add_delta(served, old)) if sleep_config.distill else None
     state = FastState.from_bytes(night.state, config) if night.state else None
-    own_rehearsal = rehearsal + b"\n".join(night.earlier)
-    metrics = consolidate(student, teacher, [Replay(night.texts, state)], own_rehearsal, sleep_config)
+    metrics = consolidate(student, teacher, [Replay(night.texts, state, night.earlier)], rehearsal, sleep_config)
     tensors, meta = personal_delta(candidate, cpu_weights(student), candidate_version, sleep_config.personal_delta)
     return UserResult(night.user_id, tensors, {**meta, "night_texts": str(len(night.texts))}, metrics, trained=True)
 
@@ -122,16 +122,20 @@ def _shared_train_loop(loop_config: dict) -> None:
     sleep_config: SleepConfig = loop_config["sleep_config"]
     start, teacher_weights = ray.get(loop_config["start"]), ray.get(loop_config["teacher"])
     texts: list[bytes] = ray.get(loop_config["texts"])
+    earlier: list[bytes] = ray.get(loop_config["earlier"])
     torch.manual_seed(sleep_config.seed)
     model = model_from(config, start)
-    student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # static_graph, not find_unused_parameters: the anchor penalty reads every parameter outside forward,
+    # including those forward leaves unused (learn=False), which DDP then marks "ready twice". The graph is
+    # the same every step, which is what static_graph needs.
+    student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"static_graph": True})
     teacher = model_from(config, teacher_weights) if sleep_config.distill else None
     shard = texts[rank::world] or texts
     # Privacy: shared material is read by the teacher WITHOUT any user's fast state, which also
     # holds that user's private turns; only the shareable bytes themselves reach shared weights.
     rank_config = dataclasses.replace(sleep_config, seed=sleep_config.seed + rank)
-    metrics = consolidate(student, teacher, [Replay(shard)], ray.get(loop_config["rehearsal"]), rank_config,
-                          device=ray.train.torch.get_device())
+    metrics = consolidate(student, teacher, [Replay(shard, earlier=earlier)], ray.get(loop_config["rehearsal"]),
+                          rank_config, device=ray.train.torch.get_device())
     if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
             save_file(cpu_weights(model), str(Path(directory) / "weights.safetensors"))
@@ -140,10 +144,12 @@ def _shared_train_loop(loop_config: dict) -> None:
         ray.train.report(metrics)
 
 
-def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: list[bytes], rehearsal: bytes,
-                 sleep_config: SleepConfig, storage_path: str, run_name: str, num_workers: int = 1,
+def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: list[bytes], earlier: list[bytes],
+                 rehearsal: bytes, sleep_config: SleepConfig, storage_path: str, run_name: str, num_workers: int = 1,
                  use_gpu: bool = False) -> tuple[Weights, dict[str, float]]:
-    """Distill shareable `texts` into shared weights with Ray Train; returns (weights, metrics)."""
+    """Distill tonight's shareable `texts` into shared weights with Ray Train, replaying earlier
+    shareable turns (`earlier`, every worker all of them) as the personal sleeps do; returns
+    (weights, metrics)."""
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415 - Ray Train loads slowly
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -151,7 +157,8 @@ def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: l
     trainer = TorchTrainer(
         _shared_train_loop,
         train_loop_config={"model_config": config, "sleep_config": sleep_config, "start": ray.put(start),
-                           "teacher": ray.put(teacher), "texts": ray.put(texts), "rehearsal": ray.put(rehearsal)},
+                           "teacher": ray.put(teacher), "texts": ray.put(texts), "earlier": ray.put(earlier),
+                           "rehearsal": ray.put(rehearsal)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage_path),
     )

@@ -40,6 +40,7 @@ import torch
 
 from model.adaptive import complexity
 from model.bitdelta import BitDelta, apply_delta, remove_delta
+from model.consolidation import DenseDelta, stored_delta
 from model.checkpoint import load_checkpoint, load_weights, weights
 from model.config import ModelConfig, preset
 from model.fast_state import FastState
@@ -127,8 +128,9 @@ def ensure_current_version(registry: CheckpointRegistry, storage: StorageConfig,
 
 
 def _config_of(manifest: dict[str, Any], fallback: str) -> ModelConfig:
-    if isinstance(manifest.get("config"), dict):
-        return ModelConfig.from_dict(manifest["config"])
+    for key in ("config", "model_config"):  # first versions write "config", sleeps "model_config"
+        if isinstance(manifest.get(key), dict):
+            return ModelConfig.from_dict(manifest[key])
     return preset(manifest.get("preset", fallback))
 
 
@@ -247,7 +249,7 @@ class ServingEngine:
         spool = str(root / ".spool") if root else storage.spool_dir
         self.writer = ExperienceWriter(self.store, WriterConfig(spool_dir=spool, flush_age_s=5.0))
         self._lock = threading.RLock()
-        self._delta_cache: dict[str, tuple[float, BitDelta | None]] = {}
+        self._delta_cache: dict[str, tuple[float, BitDelta | DenseDelta | None]] = {}
         self.version = ""
         self.model: ReverieLM | None = None
         self._load_version(ensure_current_version(self.registry, storage, config.preset))
@@ -277,12 +279,12 @@ class ServingEngine:
             return self.version
 
     # -- deltas --------------------------------------------------------------------------------
-    def _user_delta(self, user_id: str) -> BitDelta | None:
+    def _user_delta(self, user_id: str) -> BitDelta | DenseDelta | None:
         cached = self._delta_cache.get(user_id)
         if cached is not None and time.monotonic() - cached[0] < self.config.delta_ttl_s:
             return cached[1]
         found = self.deltas.load_user_delta(user_id, self.version)
-        delta = BitDelta.from_tensors(*found) if found is not None else None
+        delta = stored_delta(*found) if found is not None else None
         if len(self._delta_cache) >= self.config.users_per_replica:
             self._delta_cache.clear()
         self._delta_cache[user_id] = (time.monotonic(), delta)

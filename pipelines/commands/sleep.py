@@ -16,8 +16,10 @@ def register(subparsers) -> None:
     parser.add_argument("--night", help="UTC day to consolidate, YYYY-MM-DD (default: yesterday)")
     parser.add_argument("--preset", default=None, help="model preset if the store has no checkpoint yet")
     parser.add_argument("--steps", type=int, help="sleep steps per user (default: SleepConfig's)")
-    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers for the shared sleep")
-    parser.add_argument("--gpu", action="store_true", help="Ray Train workers use one GPU each")
+    parser.add_argument("--num-workers", type=int,
+                        help="Ray Train workers for the shared sleep (default: REVERIE_SLEEP_WORKERS or 1)")
+    parser.add_argument("--gpu", action="store_true", default=None,
+                        help="Ray Train workers use one GPU each (default: REVERIE_SLEEP_GPU)")
     parser.set_defaults(run=run)
 
 
@@ -32,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     sleep_config = {"steps": args.steps} if args.steps else None
     try:
         result = consolidate(night=args.night, data=settings.storage.root, preset_name=args.preset or settings.preset,
-                             ray_address=settings.ray_address, num_workers=args.num_workers, use_gpu=args.gpu,
-                             sleep_config=sleep_config)
+                             ray_address=settings.ray_address, num_workers=args.num_workers or settings.sleep_workers,
+                             use_gpu=settings.sleep_gpu if args.gpu is None else args.gpu,
+                             train_storage=settings.train_storage, sleep_config=sleep_config)
     except GateFailed as error:
         print(f"reverie sleep: nothing promoted: {error}")
         return 1
