@@ -153,7 +153,8 @@ def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: l
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415 - Ray Train loads slowly
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
-    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    if "://" not in storage_path:  # a local path; s3:// and other URIs are Ray Train's to create
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _shared_train_loop,
         train_loop_config={"model_config": config, "sleep_config": sleep_config, "start": ray.put(start),
