@@ -4,8 +4,12 @@ boto3 and pyarrow exactly as AWS would be; nothing is patched in-process."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,29 @@ from storage.uri import Store, open_store
 
 S3_REGION = "us-east-1"
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+
+
+def start_process_group(command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None
+                        ) -> subprocess.Popen:
+    """`command` in its own process group, output to `log`, so that it and all it spawns stop together."""
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process_group(process: subprocess.Popen, term_wait_s: float = 20.0, linger_s: float = 0.0) -> None:
+    """SIGTERM the process group, SIGKILL it if the leader outlives `term_wait_s`; then wait
+    `linger_s` for the group's other processes, which exit just after their leader."""
+    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            time.sleep(linger_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from model.lm import ReverieLM
 from model.training import TRAIN_PRESETS, train
 from storage.checkpoints import CheckpointRegistry
 from storage.deltas import DeltaStore
+from tests.conftest import free_port, start_process_group, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_CLIENTS = 12
@@ -162,30 +162,6 @@ def test_the_run_aggregate_is_stored_for_the_next_sleep(attacked_run, data_root)
 # --- a real deployment: SuperLink + 2 SuperNodes on loopback -----------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A process in its own process group, so that it and every app process it spawns can be killed."""
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -212,14 +188,14 @@ def loopback_federation(tmp_path) -> Iterator[dict[str, str]]:
     processes = []
     try:
         link_log = tmp_path / "superlink.log"
-        link = start([shutil.which("flower-superlink", path=path), "--insecure", "--host", "127.0.0.1",
+        link = start_process_group([shutil.which("flower-superlink", path=path), "--insecure", "--host", "127.0.0.1",
                       "--port", str(link_port), "--disable-runtime-dependency-installation"], link_log, env)
         processes.append(link)
         wait_for_port(link_port, link, link_log)
         for partition in (0, 1):
             node_log = tmp_path / f"supernode-{partition}.log"
             node_port = free_port()
-            node = start([shutil.which("flower-supernode", path=path), "--insecure",
+            node = start_process_group([shutil.which("flower-supernode", path=path), "--insecure",
                           "--superlink", f"127.0.0.1:{link_port}", "--port", str(node_port), "--max-retries", "10",
                           "--node-config", f"partition-id={partition} num-partitions=2"], node_log, env)
             processes.append(node)
@@ -227,7 +203,7 @@ def loopback_federation(tmp_path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process_group(process, term_wait_s=10)
         for log in sorted(tmp_path.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text()[-2000:]}")  # shown by pytest only on failure
 

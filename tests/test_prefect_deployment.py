@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from model.config import preset
 from model.lm import ReverieLM
 from storage.checkpoints import CheckpointRegistry
 from storage.experience import ExperienceRecord, ExperienceWriter
-from tests.conftest import free_port
+from tests.conftest import free_port, start_process_group, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 NIGHT = "2026-01-05"
@@ -59,21 +58,7 @@ def prefect(*args: str, env: dict[str, str], timeout: float = 180) -> str:
 
 def start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """`prefect ARGS` in its own process group, so that it and every flow run it spawns can be killed."""
-    return subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return start_process_group([sys.executable, "-m", "prefect", *args], log, env, cwd)
 
 
 def wait_until_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -136,7 +121,7 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
         yield PrefectServer(api_url, env, data)
     finally:
         for process in reversed(processes):  # the worker first, while the server still hears it stop
-            stop(process)
+            stop_process_group(process)
         for log in sorted(tmp.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text()[-3000:]}")  # shown by pytest only on failure
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import requests
 
 from storage.checkpoints import CheckpointRegistry
 from storage.experience import ExperienceRecord, ExperienceWriter
-from tests.conftest import free_port
+from tests.conftest import free_port, start_process_group, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,20 +49,6 @@ class Cluster:
     dashboard: str  # what `ray job submit --address` names
     env: dict[str, str]  # what every command of the test runs with
     data: str  # the data root (REVERIE_DATA)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the head's process group (it stops its own processes), SIGKILL what is left."""
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait_s)
-            time.sleep(1)  # the group's other processes exit right after its leader
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +68,7 @@ def cluster() -> Iterator[Cluster]:
                f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                "--num-cpus=2", f"--temp-dir={temp / 'ray'}", f"--ray-client-server-port={free_port()}",
                f"--dashboard-agent-listen-port={free_port()}"]
-    log = (temp / "ray-start.log").open("w")
-    head = subprocess.Popen(command, cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_process_group(command, temp / "ray-start.log", env, cwd=temp)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 120
@@ -99,8 +83,7 @@ def cluster() -> Iterator[Cluster]:
             time.sleep(1)
         yield Cluster(gcs_address=f"127.0.0.1:{port}", dashboard=dashboard, env=env, data=data)
     finally:
-        _stop(head)
-        log.close()
+        stop_process_group(head, linger_s=1.0)
         shutil.rmtree(temp, ignore_errors=True)
 
 
