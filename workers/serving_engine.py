@@ -220,6 +220,10 @@ class UserStates:
         for done in [self._savers.submit(self.save, slot) for slot in slots]:
             done.result()
 
+    def close(self) -> None:
+        """Wait for saves in flight and stop the save threads."""
+        self._savers.shutdown()
+
     def reset(self, user_id: str) -> None:
         """Forget the user everywhere: the resident copy, the stored state, the marker."""
         self._slots.pop(user_id, None)
@@ -378,4 +382,5 @@ class ServingEngine:
                 "resident_users": len(self.states)}
 
     def close(self) -> None:
+        self.states.close()
         self.writer.close()
