@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,20 +69,35 @@ class SleepConfig:
     rehearsal_weight: float = 1.0
     anchor: bool = True  # L2 pull towards the weights the sleep started from
     anchor_weight: float = 1e-4
+    distill_rehearsal: bool = False  # KL from the teacher on the rehearsal rows too (a new architecture)
+    architecture_steps: int = 600  # shared steps of a night that changes the architecture (`architecture_night`)
     personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
     seed: int = 0
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}"
-                    for name in ("steps", "batch_size", "seq_len") if getattr(self, name) < 1]
+                    for name in ("steps", "batch_size", "seq_len", "architecture_steps") if getattr(self, name) < 1]
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not (self.replay or self.distill):
             problems.append("a sleep needs replay or distill (or both): otherwise it learns nothing new")
         if self.personal_delta not in ("dense", "bitdelta"):
             problems.append(f"personal_delta must be 'dense' or 'bitdelta', got {self.personal_delta!r}")
+        if self.distill_rehearsal and not (self.distill and self.rehearsal):
+            problems.append("distill_rehearsal needs distill and rehearsal on")
         if problems:
             raise ValueError("invalid SleepConfig: " + "; ".join(problems))
+
+
+def architecture_night(config: SleepConfig) -> SleepConfig:
+    """The shared recipe of a night whose student is a new architecture (the search's best genome).
+
+    The student starts from a fresh initialisation, so there is nothing to anchor to, and the
+    replayed turns alone are far too little to learn a language from: the teacher's predictions on
+    the rehearsal corpus carry what the old weights knew, for `architecture_steps` steps.
+    """
+    return replace(config, steps=config.architecture_steps, anchor=False, distill=True, rehearsal=True,
+                   distill_rehearsal=True)
 
 
 # The recipes compared in bench/sleep_days.py and tested in tests/test_consolidation.py.
@@ -134,17 +149,20 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def _distill_loss(student: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) at the bytes the teacher predicts right, scaled by T².
+def _distill_loss(student: Tensor, teacher: Tensor, targets: Tensor, temperature: float,
+                  only_known: bool = True) -> Tensor:
+    """KL(teacher || student), scaled by T², at the bytes the teacher predicts right (`only_known`)
+    or at every byte.
 
     student, teacher: (b, T, 256); targets (b, T). Where the teacher (with fast memory) gets the
     replayed byte wrong it knows nothing worth keeping there, and its soft targets would only pull
-    the student away from the hard target, so those positions carry no distillation loss.
+    the student away from the hard target, so those positions carry no distillation loss. On the
+    rehearsal corpus a new architecture learns the teacher's whole distribution (`only_known=False`).
     """
     t = temperature
     kl = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
                   log_target=True, reduction="none").sum(-1)  # (b, T)
-    knows = (teacher.argmax(-1) == targets).float()
+    knows = (teacher.argmax(-1) == targets).float() if only_known else torch.ones_like(kl)
     return (kl * knows).sum() / knows.sum().clamp(min=1.0) * t * t
 
 
@@ -180,6 +198,12 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, 
             state = None if replay.state is None else replay.state.to(device).rows([0] * b)
             teacher_logits, _ = teacher(inputs[:b], state, learn=False)
         parts["distill"] = _distill_loss(logits[:b], teacher_logits, targets[:b], config.temperature)
+        if config.distill_rehearsal and "rehearsal" in batches:
+            rows = slice((len(batches) - 1) * b, len(batches) * b)  # rehearsal is the last stream
+            with torch.no_grad():
+                rehearsal_logits, _ = teacher(inputs[rows], None, learn=False)
+            parts["rehearsal_distill"] = _distill_loss(logits[rows], rehearsal_logits, targets[rows],
+                                                       config.temperature, only_known=False)
     return parts
 
 
@@ -210,6 +234,7 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
         teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
+              "rehearsal_distill": config.distill_weight,
               "earlier_bpb": config.earlier_weight * math.log(2),
               "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
     totals: dict[str, list[float]] = {}

@@ -10,6 +10,13 @@ if it was promoted the run stops at once; if it was saved but not promoted (a cr
 gate) the shared weights are reused and only users whose delta is missing are trained again.
 Promotion is a compare-and-swap from the version the night started on, so it happens at most once.
 
+`student="search"` (or `"search:<run_id>"`) makes it an architecture night: the candidate takes
+the architecture of the search's best genome (`storage.search_results.load_best_genome`), starts
+from a fresh initialisation and distills the served model on the rehearsal corpus and the night's
+shareable turns (`model.consolidation.architecture_night`); every user's personal delta is learned
+anew in that architecture from their teacher (old weights + old delta + fast state). The same gate
+decides: a student that cannot match the old model is not promoted.
+
 `reverie sleep` runs this flow in-process; with no PREFECT_API_URL set Prefect uses its ephemeral
 mode (a temporary local API, nothing to start).
 """
@@ -27,7 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from model.config import ModelConfig, preset
-from model.consolidation import SleepConfig, add_delta, dense_delta, model_from
+from model.consolidation import SleepConfig, add_delta, architecture_night, dense_delta, model_from
 from model.corpus import embedded_corpus
 from model.evaluation import GateConfig, Fact, bpb, fact_from_text, gate_failures, recalled, relative_rise
 from model.fast_state import FastState
@@ -38,6 +45,7 @@ from storage.deltas import DeltaStore
 from storage.errors import ConflictError
 from storage.experience import ExperienceReader
 from storage.fast_states import FastStateStore
+from storage.search_results import load_best_genome
 from storage.uri import Store, open_store
 from workers.consolidation import UserNight, UserResult, consolidate_users, ensure_ray, train_shared
 
@@ -55,7 +63,8 @@ class Night:
 
     night: str  # the night's id, "YYYY-MM-DD" (the UTC day whose experience it consolidates)
     base: str  # version current when the night began (served the day)
-    config: ModelConfig
+    config: ModelConfig  # the base version's architecture: the teacher's
+    student_config: ModelConfig  # the candidate's architecture: `config` unless the night changes it
     candidate: str | None  # version already saved for this night (a re-run), if any
     promoted: bool  # this night's candidate is already current or an ancestor of it
 
@@ -79,11 +88,24 @@ def _ancestors(registry: CheckpointRegistry, version: str | None) -> list[str]:
     return chain
 
 
+def student_run_id(student: str | None) -> str | None:
+    """The search run named by the flow's `student` option ("search" = the latest run; "search:<run_id>"),
+    or None for a night that keeps the architecture."""
+    if student is None or student == "":
+        return None
+    kind, _, run_id = student.partition(":")
+    if kind != "search" or (_ and not run_id):
+        raise ValueError(f"student must be 'search' (the latest search's best genome) or 'search:<run_id>', "
+                         f"got {student!r}")
+    return run_id or ""
+
+
 @task
-def open_night(data: str | None, night: str, preset_name: str, seed: int = 0) -> Night:
-    """The base version (bootstrapped from a seeded `preset_name` model on an empty store) and
-    whether this night already has a candidate or was already promoted."""
-    registry = CheckpointRegistry(_store(data))
+def open_night(data: str | None, night: str, preset_name: str, seed: int = 0, student: str | None = None) -> Night:
+    """The base version (bootstrapped from a seeded `preset_name` model on an empty store), whether
+    this night already has a candidate or was already promoted, and the candidate's architecture."""
+    store = _store(data)
+    registry = CheckpointRegistry(store)
     base = registry.current()
     if base is None:
         torch.manual_seed(seed)
@@ -103,7 +125,15 @@ def open_night(data: str | None, night: str, preset_name: str, seed: int = 0) ->
     candidate = promoted[0] if promoted else (tonight[-1] if tonight else None)
     if candidate and not promoted:
         base = registry.manifest(candidate)["parent"]  # resume the night on the base it began from
-    return Night(night, base, _config_of(registry.manifest(base), preset_name), candidate, bool(promoted))
+    config = _config_of(registry.manifest(base), preset_name)
+    run_id = student_run_id(student)
+    if candidate:
+        student_config = _config_of(registry.manifest(candidate), preset_name)
+    elif run_id is not None:
+        student_config = load_best_genome(store, run_id or None)
+    else:
+        student_config = config
+    return Night(night, base, config, student_config, candidate, bool(promoted))
 
 
 @task
@@ -149,15 +179,32 @@ def sleep_shared(data: str | None, night: Night, experience: dict[str, list[dict
     for aggregate in aggregates:
         start = add_delta(start, dense_delta(aggregate.tensors, aggregate.meta))
     shareable = [_text(r) for r in experience["tonight"] if r["shareable"]]
+    earlier = [_text(r) for r in experience["earlier"] if r["shareable"]]
     metrics: dict[str, float] = {}
-    if shareable:
-        earlier = [_text(r) for r in experience["earlier"] if r["shareable"]]
+    manifest: dict[str, Any] = {"night": night.night, "model_config": night.student_config.to_dict(),
+                                "shareable_turns": len(shareable), "aggregates": [a.name for a in aggregates]}
+    if night.student_config != night.config:
+        # A new architecture: a fresh student learns the served model (with tonight's aggregates).
+        torch.manual_seed(sleep_config.seed)
+        fresh = {k: v.detach().contiguous() for k, v in ReverieLM(night.student_config).state_dict().items()}
+        texts = shareable or corpus_records(rehearsal)
+        start, metrics = train_shared(night.student_config, fresh, start, texts, earlier, rehearsal,
+                                      architecture_night(sleep_config), storage_path, f"sleep-{night.night}",
+                                      num_workers, use_gpu, teacher_config=night.config)
+        manifest["architecture_from"] = {"teacher_config": night.config.to_dict(),
+                                         "steps": sleep_config.architecture_steps}
+    elif shareable:
         start, metrics = train_shared(night.config, start, base_weights, shareable, earlier, rehearsal,
                                       sleep_config, storage_path, f"sleep-{night.night}", num_workers, use_gpu)
     logger.info("shared sleep: %d shareable turns, %d aggregates, metrics %s", len(shareable), len(aggregates), metrics)
-    manifest = {"night": night.night, "model_config": night.config.to_dict(), "shareable_turns": len(shareable),
-                "aggregates": [a.name for a in aggregates], "shared_metrics": metrics}
+    manifest["shared_metrics"] = metrics
     return registry.save({k: v.contiguous() for k, v in start.items()}, manifest, parent=night.base)
+
+
+def corpus_records(data: bytes, size: int = 256) -> list[bytes]:
+    """The rehearsal corpus cut into `size`-byte records: what an architecture night replays when
+    nobody shared a turn (its student must learn from something besides the corpus stream)."""
+    return [data[i:i + size] for i in range(0, len(data) - size + 1, size)] or [data]
 
 
 def consolidate_users_step(data: str | None, night: Night, candidate: str, experience: dict[str, list[dict]],
@@ -183,7 +230,8 @@ def consolidate_users_step(data: str | None, night: Night, candidate: str, exper
         deltas.save_user_delta(result.user_id, candidate, result.tensors,
                                {**result.meta, "night": night.night, "trained": str(result.trained)})
 
-    results = consolidate_users(night.config, served, shared, nights, rehearsal, sleep_config, candidate, save)
+    results = consolidate_users(night.student_config, served, shared, nights, rehearsal, sleep_config, candidate,
+                                save, teacher_config=night.config)
     return {"trained": sorted(r.user_id for r in results if r.trained),
             "carried": sorted(r.user_id for r in results if not r.trained), "skipped": sorted(done)}
 
@@ -199,13 +247,13 @@ def evaluate_night(data: str | None, night: Night, candidate: str, experience: d
     registry, deltas = CheckpointRegistry(store), DeltaStore(store)
     served = model_from(night.config, registry.load(night.base)[0])
     shared_weights = registry.load(candidate)[0]
-    shared = model_from(night.config, shared_weights)
+    shared = model_from(night.student_config, shared_weights)
     facts: dict[str, list[Fact]] = {}
     for row in experience["tonight"]:
         fact = fact_from_text(row["prompt"])
         if fact is not None and not row["shareable"]:
             facts.setdefault(row["user_id"], []).append(fact)
-    personal = {u: model_from(night.config, add_delta(shared_weights, dense_delta(*deltas.load_user_delta(u, candidate))))
+    personal = {u: model_from(night.student_config, add_delta(shared_weights, dense_delta(*deltas.load_user_delta(u, candidate))))
                 for u in deltas.users(candidate)}
     base_bpb = bpb(served, heldout)
     metrics: dict[str, Any] = {"base_bpb": base_bpb, "shared_bpb": bpb(shared, heldout)}
@@ -247,15 +295,21 @@ def promote(data: str | None, base: str, candidate: str) -> bool:
 
 
 @task
-def soft_reset_fast_states(data: str | None, candidate: str, keep: float) -> int:
-    """Decay every user's fast memory (what it held now lives in weights); once per version."""
+def soft_reset_fast_states(data: str | None, candidate: str, keep: float, config: ModelConfig) -> int:
+    """Decay every user's fast memory (what it held now lives in weights); once per version. A state
+    of another architecture (an architecture night) cannot carry over: it starts empty in `config`."""
     states = FastStateStore(_store(data))
     count = 0
     for user in states.users():
         loaded = states.load(user)
         if loaded is None or loaded[1].get("base_version") == candidate:
             continue
-        reset = FastState(**loaded[0]).soft_reset(keep)
+        state = FastState(**loaded[0])
+        try:
+            state.validate(config)
+            reset = state.soft_reset(keep)
+        except ValueError:
+            reset = FastState.empty(config)
         states.save(user, reset.tensors(), {**loaded[1], "base_version": candidate})
         count += 1
     return count
@@ -273,8 +327,12 @@ def _report(night: str, candidate: str | None, metrics: dict[str, Any], users: d
 def consolidate(night: str | None = None, data: str | None = None, preset_name: str = "tiny",
                 ray_address: str | None = None, num_workers: int | None = None, use_gpu: bool | None = None,
                 train_storage: str | None = None, sleep_config: dict[str, Any] | None = None,
-                gate: dict[str, Any] | None = None, soft_reset_keep: float = 0.5) -> dict[str, Any]:
+                gate: dict[str, Any] | None = None, soft_reset_keep: float = 0.5,
+                student: str | None = None) -> dict[str, Any]:
     """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`.
+
+    `student`: None keeps the architecture; "search" or "search:<run_id>" distills into the best
+    genome of that search run (see the module docstring).
 
     Where it runs is configuration: unset (or empty) `ray_address`, `num_workers`, `use_gpu` and
     `train_storage` come from `Settings` (RAY_ADDRESS, REVERIE_SLEEP_WORKERS, REVERIE_SLEEP_GPU,
@@ -285,7 +343,7 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     settings = Settings.load()
     night = night or (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
     sleep_cfg, gate_cfg = SleepConfig(**(sleep_config or {})), GateConfig(**(gate or {}))
-    state = open_night(data, night, preset_name)
+    state = open_night(data, night, preset_name, student=student)
     if state.promoted:
         logger.info("night %s was already promoted as %s; nothing to do", night, state.candidate)
         return {"night": night, "status": "already promoted", "version": state.candidate, "promoted": False}
@@ -302,7 +360,7 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     promoted = False
     if not metrics["failures"]:
         promoted = promote(data, state.base, candidate)
-        soft_reset_fast_states(data, candidate, soft_reset_keep)
+        soft_reset_fast_states(data, candidate, soft_reset_keep, state.student_config)
     create_markdown_artifact(_report(night, candidate, metrics, users, promoted), key=f"sleep-{night}",
                              description=f"Reverie sleep of {night}")
     if metrics["failures"]:

@@ -4,8 +4,8 @@ The story of a run: evolve (regularized evolution on a pool of Ray actors, `work
 rerun with the same run id resumes from the results already in Parquet) -> the Pareto front of
 held-out bits per byte against inference throughput, drawn as a PNG in the store and published as
 a table artifact -> the best genome (lowest `objective`) saved as
-`search/<run_id>/best_genome.json`, which the next sleep reads with `load_best_genome` to get the
-student architecture it distills into.
+`search/<run_id>/best_genome.json`, which a sleep run with `student="search"` (`reverie sleep
+--student search`) reads with `load_best_genome` to get the student architecture it distills into.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from model.genome import Fitness, Genome, pareto_front, search_space
 from pipelines.settings import Settings
 from storage.config import StorageConfig
-from storage.search_results import SearchResults, load_best_genome  # noqa: F401 - the sleep's entry point
+from storage.search_results import SearchResults
 from workers.evolution import EvaluationTask, EvolutionConfig, best_row, default_budget, fitness_of, run_evolution
 
 FRONT_PNG = "pareto_front.png"
@@ -112,8 +112,8 @@ def save_best(best: dict[str, Any], config: EvolutionConfig, results: SearchResu
     create_markdown_artifact(key="search-best-genome", markdown=(
         f"### Best genome of {results.run_id}\n\n`{document['genome_key']}`: {document['fitness']['bpb']:.3f} "
         f"bits per byte, {document['fitness']['bytes_per_s']:,.0f} bytes/s, {document['fitness']['params']:,} "
-        f"parameters.\n\nSaved at `{results.store.uri_of(key)}`; the next sleep reads it with "
-        f"`load_best_genome(run_id='{results.run_id}')`."))
+        f"parameters.\n\nSaved at `{results.store.uri_of(key)}`; distill the served model into it with "
+        f"`reverie sleep --student search:{results.run_id}`."))
     return key
 
 

@@ -61,6 +61,23 @@ def test_promotion_swaps_weights_between_batches_and_soft_resets_states(engine):
     assert torch.allclose(state_of(engine, "ann").em_s, strengths * engine.config.soft_reset_keep)
 
 
+def test_promotion_to_another_architecture_starts_states_empty_in_it(engine):
+    import dataclasses
+
+    from model.lm import ReverieLM
+
+    engine.serve_batch([turn("ann")])
+    old = engine.version
+    smaller = dataclasses.replace(engine.model.config, d_model=32, n_heads=2)
+    weights = {k: v.detach().contiguous() for k, v in ReverieLM(smaller).state_dict().items()}
+    new = engine.registry.save(weights, {"model_config": smaller.to_dict()}, parent=old)
+    engine.registry.promote(new, expected_current=old)
+    reply = engine.serve_batch([turn("ann")])[0]
+    assert not isinstance(reply, Exception), reply
+    assert reply["model_version"] == new and engine.model.config == smaller
+    state_of(engine, "ann").validate(smaller)
+
+
 def test_dense_personal_delta_written_by_a_sleep_is_served_to_its_owner_only(engine):
     from model.checkpoint import weights
     from model.consolidation import personal_delta

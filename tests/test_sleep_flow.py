@@ -6,13 +6,22 @@ from datetime import UTC, datetime
 
 import pytest
 import ray
+import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import pipelines.consolidate as nightly
 from model.consolidation import add_delta, dense_delta, model_from
+from model.config import preset
 from model.evaluation import Fact, recalled
+from model.fast_state import FastState
+from model.corpus import embedded_corpus
+from model.genome import Genome, search_space
+from model.lm import ReverieLM
+from model.training import TrainConfig, train
 from storage.checkpoints import CheckpointRegistry
 from storage.deltas import DeltaStore
+from storage.fast_states import FastStateStore
+from storage.search_results import SearchResults
 from storage.experience import ExperienceRecord, ExperienceWriter
 from storage.uri import open_store
 
@@ -113,3 +122,38 @@ def test_shareable_turns_train_shared_weights_through_ray_train(tmp_path):
                                  gate={"min_recall": 0.0, "max_bpb_rise": 1.0, "max_personal_bpb_rise": 1.0})
     manifest = CheckpointRegistry(open_store(uri)).manifest(result["version"])
     assert manifest["shareable_turns"] == 1 and manifest["shared_metrics"]
+
+
+def pretrained_base(data: str, steps: int = 100) -> None:
+    """v0001 = a tiny model briefly trained on the corpus: a teacher worth distilling from."""
+    torch.manual_seed(0)
+    model = ReverieLM(preset("tiny"))
+    train(model, embedded_corpus(), TrainConfig(steps=steps, batch_size=8, seq_len=64, lr=3e-3, warmup=10,
+                                                device="cpu", progress=False))
+    registry = CheckpointRegistry(open_store(data))
+    version = registry.save({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                            {"model_config": preset("tiny").to_dict()}, parent=None)
+    registry.promote(version, expected_current=None)
+
+
+def test_architecture_night_distills_into_the_searched_genome(data):
+    pretrained_base(data)
+    genome = Genome(**{**Genome.from_config(preset("tiny")).to_dict(), "d_model": 48, "em_slots": 8})
+    student = search_space("tiny").to_config(genome)
+    SearchResults(data, "run-1").save_best_genome({"genome": genome.to_dict(), "config": student.to_dict()})
+    FastStateStore(open_store(data)).save("alice", FastState.empty(preset("tiny")).tensors(), {"base_version": "v0001"})
+    with pytest.raises(ValueError, match="student must be"):
+        nightly.consolidate(night=NIGHT, data=data, student="evolution")
+    # The default gate: the fresh student must come within 2% of the teacher's held-out bits per byte.
+    result = nightly.consolidate(night=NIGHT, data=data, student="search",
+                                 sleep_config={**SLEEP, "architecture_steps": 100})
+    version = result["version"]
+    manifest = CheckpointRegistry(open_store(data)).manifest(version)
+    assert result["promoted"] and manifest["model_config"] == student.to_dict()
+    assert manifest["architecture_from"]["teacher_config"] == preset("tiny").to_dict()
+    assert result["metrics"]["recall"] >= 0.5 and result["metrics"]["leakage"] == 0.0
+    for user in FACTS:  # personal deltas are learned anew in the new architecture
+        personal_model(data, version, user)
+    state, meta = FastStateStore(open_store(data)).load("alice")
+    FastState(**state).validate(student)
+    assert meta["base_version"] == version

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,25 +67,36 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = 2) -> None:
 # --- one user -----------------------------------------------------------------------------------
 
 def consolidate_user(config_json: str, served: Weights, candidate: Weights, night: UserNight,
-                     rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str) -> UserResult:
+                     rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str,
+                     teacher_config_json: str | None = None) -> UserResult:
     """One user's sleep into a personal delta on `candidate_version`.
 
     Teacher: the weights that served the user today (`served` + their old delta) with their fast
-    state. Student: starts from the candidate shared weights + their old delta (their knowledge so
-    far, rebased), which is also the anchor. Replay: tonight's turns and, as their own stream, the
-    user's earlier turns (Replay.earlier); rehearsal: base material only.
+    state, in `teacher_config_json`'s architecture (default: the candidate's). Student: starts from
+    the candidate shared weights + their old delta (their knowledge so far, rebased), which is also
+    the anchor. Replay: tonight's turns and, as their own stream, the user's earlier turns
+    (Replay.earlier); rehearsal: base material only.
+
+    When the candidate is a new architecture the old delta has the wrong shapes: the student starts
+    from the candidate alone and learns the user's knowledge back from the teacher, replaying their
+    earlier turns even on a night they said nothing.
     """
     config = ModelConfig.from_dict(json.loads(config_json))
+    teacher_config = ModelConfig.from_dict(json.loads(teacher_config_json)) if teacher_config_json else config
+    same_architecture = teacher_config == config
     old = night.old_delta or {}
-    start = add_delta(candidate, old)
-    if not night.texts:  # nothing new tonight: carry the user's knowledge over to the new weights
+    start = add_delta(candidate, old) if same_architecture else dict(candidate)
+    texts, earlier = night.texts, night.earlier
+    if not texts and not same_architecture:
+        texts, earlier = night.earlier, []
+    if not texts:  # nothing new tonight: carry the user's knowledge over to the new weights
         tensors, meta = personal_delta(candidate, start, candidate_version, kind="dense")
         return UserResult(night.user_id, tensors, meta, {}, trained=False)
     torch.manual_seed(sleep_config.seed)
     student = model_from(config, start)
-    teacher = model_from(config, add_delta(served, old)) if sleep_config.distill else None
-    state = FastState.from_bytes(night.state, config) if night.state else None
-    metrics = consolidate(student, teacher, [Replay(night.texts, state, night.earlier)], rehearsal, sleep_config)
+    teacher = model_from(teacher_config, add_delta(served, old)) if sleep_config.distill else None
+    state = FastState.from_bytes(night.state, teacher_config) if night.state else None
+    metrics = consolidate(student, teacher, [Replay(texts, state, earlier)], rehearsal, sleep_config)
     tensors, meta = personal_delta(candidate, cpu_weights(student), candidate_version, sleep_config.personal_delta)
     return UserResult(night.user_id, tensors, {**meta, "night_texts": str(len(night.texts))}, metrics, trained=True)
 
@@ -94,11 +106,15 @@ _consolidate_user_task = ray.remote(num_cpus=1, max_retries=1)(consolidate_user)
 
 def consolidate_users(config: ModelConfig, served: Weights, candidate: Weights, nights: Sequence[UserNight],
                       rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str,
-                      on_done: Callable[[UserResult], None]) -> list[UserResult]:
-    """Fan the users out as Ray tasks; call `on_done` for each as soon as it finishes."""
+                      on_done: Callable[[UserResult], None], teacher_config: ModelConfig | None = None
+                      ) -> list[UserResult]:
+    """Fan the users out as Ray tasks; call `on_done` for each as soon as it finishes.
+    `teacher_config`: the architecture of `served` when it is not `config` (a new student)."""
     served_ref, candidate_ref, rehearsal_ref = ray.put(served), ray.put(candidate), ray.put(rehearsal)
+    teacher_json = teacher_config.to_json() if teacher_config is not None else None
     pending = {_consolidate_user_task.remote(config.to_json(), served_ref, candidate_ref, night, rehearsal_ref,
-                                             sleep_config, candidate_version): night.user_id for night in nights}
+                                             sleep_config, candidate_version, teacher_json): night.user_id
+               for night in nights}
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -129,13 +145,18 @@ def _shared_train_loop(loop_config: dict) -> None:
     # including those forward leaves unused (learn=False), which DDP then marks "ready twice". The graph is
     # the same every step, which is what static_graph needs.
     student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"static_graph": True})
-    teacher = model_from(config, teacher_weights) if sleep_config.distill else None
+    teacher = model_from(loop_config["teacher_config"], teacher_weights) if sleep_config.distill else None
     shard = texts[rank::world] or texts
     # Privacy: shared material is read by the teacher WITHOUT any user's fast state, which also
     # holds that user's private turns; only the shareable bytes themselves reach shared weights.
     rank_config = dataclasses.replace(sleep_config, seed=sleep_config.seed + rank)
+    step_ends: list[float] = []  # float(loss) in on_step waits for the step, so these are real step times
     metrics = consolidate(student, teacher, [Replay(shard, earlier=earlier)], ray.get(loop_config["rehearsal"]),
-                          rank_config, device=ray.train.torch.get_device())
+                          rank_config, device=ray.train.torch.get_device(),
+                          on_step=lambda step, loss: step_ends.append(time.perf_counter()))
+    timed = step_ends[len(step_ends) // 10:]  # the first tenth warms up (allocator, kernels, DDP buckets)
+    if len(timed) > 1:
+        metrics["steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0])
     if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
             save_file(cpu_weights(model), str(Path(directory) / "weights.safetensors"))
@@ -146,10 +167,10 @@ def _shared_train_loop(loop_config: dict) -> None:
 
 def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: list[bytes], earlier: list[bytes],
                  rehearsal: bytes, sleep_config: SleepConfig, storage_path: str, run_name: str, num_workers: int = 1,
-                 use_gpu: bool = False) -> tuple[Weights, dict[str, float]]:
+                 use_gpu: bool = False, teacher_config: ModelConfig | None = None) -> tuple[Weights, dict[str, float]]:
     """Distill tonight's shareable `texts` into shared weights with Ray Train, replaying earlier
     shareable turns (`earlier`, every worker all of them) as the personal sleeps do; returns
-    (weights, metrics)."""
+    (weights, metrics). `teacher_config`: the teacher's architecture when it is not `config`."""
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415 - Ray Train loads slowly
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -157,7 +178,8 @@ def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: l
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _shared_train_loop,
-        train_loop_config={"model_config": config, "sleep_config": sleep_config, "start": ray.put(start),
+        train_loop_config={"model_config": config, "teacher_config": teacher_config or config,
+                           "sleep_config": sleep_config, "start": ray.put(start),
                            "teacher": ray.put(teacher), "texts": ray.put(texts), "earlier": ray.put(earlier),
                            "rehearsal": ray.put(rehearsal)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),

@@ -19,7 +19,8 @@ Hot-swap: the registry's `current` pointer is polled between batches (at most ev
 `poll_interval_s`); a new version is loaded between batches, so no request is dropped and each
 reply names the version that produced it. States built on an older version are soft-reset
 (`FastState.soft_reset(soft_reset_keep)`) the next time they are used, as DESIGN.md prescribes
-after a sleep: what they held now lives in the weights.
+after a sleep: what they held now lives in the weights. A version of another architecture (a
+sleep that distilled into the search's best genome) starts every state empty instead.
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ class UserStates:
         while len(self._slots) > self.capacity:
             self._slots.popitem(last=False)  # already saved: eviction only drops the copy
         if slot.version != version:
-            slot.state = slot.state.soft_reset(keep)
+            try:
+                slot.state.validate(config)
+                slot.state = slot.state.soft_reset(keep)
+            except ValueError:  # the new version is another architecture (a sleep changed it)
+                slot.state = FastState.empty(config, 1, device=self.device)
             slot.version = version
         return slot
 

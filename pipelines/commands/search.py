@@ -13,7 +13,7 @@ def register(subparsers) -> None:
         description="Regularized evolution over the architecture genome, candidates evaluated by Ray "
                     "actors. Results go to <data root>/search/<run id>/ as Parquet; the Pareto front "
                     "(bits per byte vs throughput) as pareto_front.png and the best genome as "
-                    "best_genome.json, which the next sleep can use as its student architecture. "
+                    "best_genome.json, which `reverie sleep --student search` distills the served model into. "
                     "Rerun with the same --run-id to resume or extend a run.")
     parser.add_argument("--run-id", help="name of the run (default: search-<UTC time>); reuse it to resume")
     parser.add_argument("--space", default="tiny", help="search space: tiny or small")

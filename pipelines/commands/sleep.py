@@ -20,6 +20,12 @@ def register(subparsers) -> None:
                         help="Ray Train workers for the shared sleep (default: REVERIE_SLEEP_WORKERS or 1)")
     parser.add_argument("--gpu", action="store_true", default=None,
                         help="Ray Train workers use one GPU each (default: REVERIE_SLEEP_GPU)")
+    parser.add_argument("--student", metavar="search[:RUN_ID]",
+                        help="distill into the best genome of a `reverie search` run (the latest with 'search'): "
+                             "a fresh model of that architecture learns the served one; promoted only if it "
+                             "passes the same gate")
+    parser.add_argument("--architecture-steps", type=int,
+                        help="shared steps when --student changes the architecture (default: SleepConfig's)")
     parser.set_defaults(run=run)
 
 
@@ -31,12 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.settings import Settings  # noqa: PLC0415
 
     settings = Settings.load(args.config)
-    sleep_config = {"steps": args.steps} if args.steps else None
+    sleep_config = {key: value for key, value in (("steps", args.steps),
+                                                  ("architecture_steps", args.architecture_steps)) if value}
     try:
         result = consolidate(night=args.night, data=settings.storage.root, preset_name=args.preset or settings.preset,
                              ray_address=settings.ray_address, num_workers=args.num_workers or settings.sleep_workers,
                              use_gpu=settings.sleep_gpu if args.gpu is None else args.gpu,
-                             train_storage=settings.train_storage, sleep_config=sleep_config)
+                             train_storage=settings.train_storage, sleep_config=sleep_config or None,
+                             student=args.student)
     except GateFailed as error:
         print(f"reverie sleep: nothing promoted: {error}")
         return 1
