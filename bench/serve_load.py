@@ -35,6 +35,7 @@ class Phase:
     """What one setting (learn on or off) measured, summed over its rounds."""
 
     latencies: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # metrics.batch_size of each reply
     generated: int = 0
     failures: int = 0
     seconds: float = 0.0
@@ -45,7 +46,8 @@ class Phase:
                 "req_per_s": round(len(latencies) / self.seconds, 2),
                 "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
                 "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1) if latencies else None,
-                "bytes_per_s": round(self.generated / self.seconds, 1)}
+                "bytes_per_s": round(self.generated / self.seconds, 1),
+                "mean_batch_size": round(statistics.fmean(self.batch_sizes), 2) if self.batch_sizes else None}
 
 
 def run_round(url: str, users: int, seconds: float, learn: bool, max_new_bytes: int, tag: str, into: Phase) -> None:
@@ -65,6 +67,7 @@ def run_round(url: str, users: int, seconds: float, learn: bool, max_new_bytes: 
             with lock:
                 if response.status_code == 200:
                     into.latencies.append(elapsed)
+                    into.batch_sizes.append(response.json()["metrics"]["batch_size"])
                     into.generated += max_new_bytes
                 else:
                     into.failures += 1
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--max-new-bytes", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                        help="how long a batch waits to fill (default: workers.serving.BATCH_WAIT_TIMEOUT_S)")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--device", default="cpu", help="where replicas run the model: cpu or cuda (one GPU each)")
@@ -101,13 +106,17 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from workers.serving import build_app
+    from workers.serving import BATCH_WAIT_TIMEOUT_S, build_app
+
+    if args.batch_wait_timeout_s is None:
+        args.batch_wait_timeout_s = BATCH_WAIT_TIMEOUT_S
 
     with tempfile.TemporaryDirectory() as data_root:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app({"data_root": data_root, "preset": args.preset, "num_replicas": args.replicas,
                              "max_batch_size": args.max_batch_size, "device": args.device,
+                             "batch_wait_timeout_s": args.batch_wait_timeout_s,
                              "num_gpus": 1 if gpu else 0}), name="reverie", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}"
         try:
@@ -125,6 +134,7 @@ def main() -> None:
     section = {
         "preset": args.preset, "users": args.users, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "max_new_bytes": args.max_new_bytes, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
@@ -140,7 +150,7 @@ def main() -> None:
     for name in ("learn_on", "learn_off"):
         p = section[name]
         print(f"{name:9s} {p['req_per_s']:7.2f} req/s  p50 {p['p50_ms']} ms  p99 {p['p99_ms']} ms  "
-              f"{p['bytes_per_s']:8.1f} bytes/s  failures {p['failures']}")
+              f"{p['bytes_per_s']:8.1f} bytes/s  batch {p['mean_batch_size']}  failures {p['failures']}")
     print(f"ratio (learn_on / learn_off bytes/s): {section['ratio']}")
 
 

@@ -36,6 +36,21 @@ def test_evicted_state_comes_back_exactly(engine):
         assert torch.equal(tensor, after.tensors()[name]), name
 
 
+def test_saves_behind_the_replies_land_in_order_and_a_new_replica_reads_the_last(engine):
+    for k in range(5):
+        engine.serve_batch([turn("ann", f"turn {k}. ".encode())])
+    last = state_of(engine, "ann")
+    engine.states.flush()
+    other = ServingEngine(ServingConfig(data_root=engine.config.data_root))
+    try:
+        assert other.user_info("ann")["turns"] == 5
+        reloaded = other.states.get("ann", other.model.config, other.version, 0.5).state
+        for name, tensor in last.tensors().items():
+            assert torch.equal(tensor, reloaded.tensors()[name]), name
+    finally:
+        other.close()
+
+
 def test_same_user_twice_in_a_batch_is_served_in_order(engine):
     replies = engine.serve_batch([turn("ann"), turn("ann", b"second")])
     assert engine.user_info("ann")["turns"] == 2 and all(isinstance(r, dict) for r in replies)

@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 # any state LRU: the memory bound is ServingConfig.users_per_replica, enforced by the engine, and a
 # user beyond it stays routed here and is reloaded from the fast-state store on return.
 ROUTED_USERS_PER_REPLICA = 65_536
+# How long a batch waits to fill. While a batch computes, the engine thread holds the GIL most of
+# the time and the replica's event loop takes in arriving requests slowly; the wait is when it
+# catches up. Measured (bench/serve_load.py, 16 users, tiny, 2 CPUs): 10 ms gave batches of ~1.5
+# requests and 7.5 req/s, 50 ms ~5 and 20 req/s, 100 ms ~9 and 29 req/s. A lone user pays it once per turn.
+BATCH_WAIT_TIMEOUT_S = 0.05
 
 
 @contextlib.contextmanager
@@ -68,7 +73,8 @@ def _without_multiplexed_id() -> Iterator[None]:
 class ReverieModel:
     """One replica: owns a ServingEngine; one method per engine operation."""
 
-    def __init__(self, config: ServingConfig, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01) -> None:
+    def __init__(self, config: ServingConfig, max_batch_size: int = 16,
+                 batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S) -> None:
         context = serve.get_replica_context()
         replica_id = getattr(getattr(context, "replica_id", None), "unique_id", None) or "replica"
         self.engine = ServingEngine(config, replica_id=replica_id)
@@ -88,7 +94,7 @@ class ReverieModel:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerateRequest]) -> list[dict[str, Any] | Exception]:
         return await asyncio.to_thread(self.engine.serve_batch, requests)
 
@@ -175,7 +181,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     num_replicas = int(args.pop("num_replicas", 1))
     num_gpus = float(args.pop("num_gpus", 0))
     max_batch_size = int(args.pop("max_batch_size", 16))
-    batch_wait_timeout_s = float(args.pop("batch_wait_timeout_s", 0.01))
+    batch_wait_timeout_s = float(args.pop("batch_wait_timeout_s", BATCH_WAIT_TIMEOUT_S))
     config = ServingConfig.from_dict(args)
     if num_gpus and not config.device.startswith("cuda"):
         raise ValueError(f"num_gpus={num_gpus} reserves GPUs that device={config.device!r} would not use; set device: cuda")

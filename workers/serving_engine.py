@@ -5,15 +5,21 @@
 batches; everything here runs (and is tested) in a plain process.
 
 Durability contract (what a crash can lose):
-- A user's FastState is saved to the fast-state store after every turn that learned, before the
-  reply is sent (the users of one batch are saved concurrently: each save is an fsynced write); the experience log is flushed after every batch, before the replies are sent.
-  A replica that dies therefore loses only the turns it was computing: their clients get an
-  error and never saw a reply. A crash between saving a state and flushing the log leaves a turn
-  in the state but not in the log (narrow window; resending is not needed for correctness).
-- The in-memory LRU is a write-through cache. Each user's turn count is also written to a small
+- The experience log is flushed after every batch, before the replies are sent: a turn whose
+  client saw a reply is in the log, so the night's sleep learns it whatever happens next.
+- A user's FastState is saved to the fast-state store after every turn that learned, in the
+  background (write-behind, an fsynced write per user on a thread pool): the save of one batch
+  overlaps the computing of the next, which is what keeps learning nearly as fast as not learning
+  (bench/serve_load.py). A replica that dies therefore loses the fast-memory updates whose saves
+  were still in flight: the last turn of the users of about the last batch (well under a second;
+  their turns are in the log). Saves of one user are ordered; `flush` waits for a user's save,
+  and `GET /v1/users/{id}` reports only saved state.
+- The in-memory LRU caches the saved states. Each user's turn count is also written to a small
   marker (`serving/turns/<user>.json`), read on every turn: if Serve ever routes a user to a
   second replica, the first one notices its cached copy is stale and reloads it from the store,
-  so a state never forks.
+  so a state never forks. A user whose save is still in flight here is served from the cache
+  (nobody else can have a newer state); a user's state is read back from the store only after
+  their saves have finished.
 
 Hot-swap: the registry's `current` pointer is polled between batches (at most every
 `poll_interval_s`); a new version is loaded between batches, so no request is dropped and each
@@ -25,13 +31,14 @@ sleep that distilled into the search's best genome) starts every state empty ins
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -150,7 +157,7 @@ class UserSlot:
 
 
 class UserStates:
-    """A bounded LRU of user states over the fast-state store (write-through; see module docstring)."""
+    """A bounded LRU of user states over the fast-state store (saved behind the replies; see module docstring)."""
 
     MARKERS = "serving/turns"
 
@@ -162,6 +169,7 @@ class UserStates:
         self.capacity = capacity
         self.device = device
         self._savers = ThreadPoolExecutor(save_threads, thread_name_prefix="fast-state-save")
+        self._saving: dict[str, Future] = {}  # user -> their latest save, not yet known to be done
         self._slots: OrderedDict[str, UserSlot] = OrderedDict()
         self.loads = 0  # reads of a state from the store (cache misses and stale copies)
 
@@ -185,7 +193,8 @@ class UserStates:
     def get(self, user_id: str, config: ModelConfig, version: str, keep: float) -> UserSlot:
         """The user's slot, loaded from the store on a miss or when the cached copy is stale."""
         slot = self._slots.get(user_id)
-        if slot is None or slot.turns != self._stored_turns(user_id):
+        if slot is None or (not self._in_flight(user_id) and slot.turns != self._stored_turns(user_id)):
+            self.flush(user_id)
             slot = self._load(user_id, config, version)
             self._slots[user_id] = slot
         self._slots.move_to_end(user_id)
@@ -215,15 +224,44 @@ class UserStates:
         state = state.to(self.device)
         return UserSlot(user_id, state, str(meta["base_version"]), int(meta.get("turns", 0)))
 
-    def save(self, slot: UserSlot) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in slot.state.tensors().items()}
-        self.states.save(slot.user_id, tensors, {"base_version": slot.version, "turns": slot.turns})
-        self.store.write_bytes(self._marker(slot.user_id), json.dumps({"turns": slot.turns}).encode())
+    def _in_flight(self, user_id: str) -> bool:
+        saving = self._saving.get(user_id)
+        return saving is not None and not saving.done()
 
-    def save_all(self, slots: list[UserSlot]) -> None:
-        """`save` each slot, concurrently (the time is fsync, which releases the GIL); raises the first error."""
-        for done in [self._savers.submit(self.save, slot) for slot in slots]:
-            done.result()
+    def _save(self, user_id: str, state: FastState, version: str, turns: int, previous: Future | None) -> None:
+        if previous is not None:
+            previous.exception()  # wait: saves of one user land in order (an earlier failure is logged there)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
+        self.states.save(user_id, tensors, {"base_version": version, "turns": turns})
+        self.store.write_bytes(self._marker(user_id), json.dumps({"turns": turns}).encode())
+
+    def save_behind(self, slots: list[UserSlot]) -> None:
+        """Start saving each slot as it is now, on the save threads (fsync releases the GIL), and return."""
+        for slot in slots:
+            saving = self._savers.submit(self._save, slot.user_id, slot.state, slot.version, slot.turns,
+                                         self._saving.get(slot.user_id))
+            saving.add_done_callback(functools.partial(self._saved, slot.user_id))
+            self._saving[slot.user_id] = saving
+
+    def _saved(self, user_id: str, saving: Future) -> None:
+        if saving.exception() is not None:
+            log.error("saving the fast state of %r failed; its last turns live only in this replica's memory "
+                      "until the next save: %s", user_id, saving.exception())
+
+    def flush(self, user_id: str | None = None) -> None:
+        """Wait until the user's saves (or everyone's) are done; raises the error of a failed one (once)."""
+        errors = []
+        for user in [user_id] if user_id is not None else list(self._saving):
+            saving = self._saving.get(user)
+            if saving is None:
+                continue
+            error = saving.exception()  # waits
+            if self._saving.get(user) is saving:
+                del self._saving[user]
+            if error is not None:
+                errors.append(error)
+        if errors:
+            raise errors[-1]
 
     def close(self) -> None:
         """Wait for saves in flight and stop the save threads."""
@@ -231,6 +269,10 @@ class UserStates:
 
     def reset(self, user_id: str) -> None:
         """Forget the user everywhere: the resident copy, the stored state, the marker."""
+        try:
+            self.flush(user_id)
+        except Exception:  # noqa: BLE001 - the state is being deleted: a failed save of it no longer matters
+            pass
         self._slots.pop(user_id, None)
         self.states.delete(user_id)
         self.store.delete(self._marker(user_id))
@@ -264,6 +306,7 @@ class ServingEngine:
         self._load_version(ensure_current_version(self.registry, storage, config.preset))
         self.states = UserStates(self.store, config.users_per_replica, config.device)
         self._checked_at = time.monotonic()
+        self.served = {"batches": 0, "requests": 0, "busy_s": 0.0}  # since start: batch sizes and utilisation
 
     # -- versions ------------------------------------------------------------------------------
     def _load_version(self, version: str) -> None:
@@ -303,6 +346,7 @@ class ServingEngine:
     def serve_batch(self, requests: list[GenerateRequest]) -> list[dict[str, Any] | Exception]:
         """One reply (or the exception that stopped it) per request, in order."""
         with self._lock:
+            started = time.perf_counter()
             self.maybe_swap()
             results: list[dict[str, Any] | Exception | None] = [None] * len(requests)
             for group in self._groups(requests):
@@ -317,6 +361,9 @@ class ServingEngine:
                 self.writer.flush()
             except Exception as error:  # not logged durably: the turns must not be acknowledged
                 results = [error] * len(requests)
+            self.served["batches"] += 1
+            self.served["requests"] += len(requests)
+            self.served["busy_s"] += time.perf_counter() - started
             return results  # type: ignore[return-value]
 
     def _groups(self, requests: list[GenerateRequest]) -> list[list[int]]:
@@ -354,7 +401,7 @@ class ServingEngine:
             for i, slot in enumerate(slots):
                 slot.state = state.rows(slice(i, i + 1)).clone()
                 slot.turns += 1
-            self.states.save_all(slots)
+            self.states.save_behind(slots)
         replies = []
         for request, slot, output in zip(requests, slots, outputs):
             record = ExperienceRecord(user_id=request.user_id, session_id=slot.session_id, prompt=request.prompt,
@@ -376,6 +423,7 @@ class ServingEngine:
         """Sizes and counters of the user's state; never its contents."""
         with self._lock:
             assert self.model is not None
+            self.states.flush(user_id)  # report what is saved, not what a crash could still lose
             resident = user_id in self.states
             slot = self.states.get(user_id, self.model.config, self.version, self.config.soft_reset_keep)
             return {"user_id": user_id, "model_version": self.version, "state_version": slot.version,
@@ -384,7 +432,7 @@ class ServingEngine:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model_version": self.version, "replica": self.replica_id,
-                "resident_users": len(self.states)}
+                "resident_users": len(self.states), "served": dict(self.served)}
 
     def close(self) -> None:
         self.states.close()
