@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from federation import LOGGER_NAME
-from model.config import ModelConfig, preset
+from model.config import ModelConfig, config_of_manifest, preset
 from model.lm import ReverieLM
 from storage.checkpoints import CheckpointRegistry
 from storage.deltas import DeltaStore
@@ -47,7 +47,7 @@ def load_base(store_uri: str, base: str, preset_name: str, seed: int) -> Base:
         version = registry.current()
         if version is not None:
             tensors, manifest = registry.load(version)
-            config = _config_of(manifest, preset_name)
+            config = config_of_manifest(manifest, preset_name)
             model = ReverieLM(config)
             model.load_state_dict(tensors)  # refuses tensors of another shape, naming them
             return Base(version=version, config=config, weights=_cpu(model.state_dict()))
@@ -56,16 +56,6 @@ def load_base(store_uri: str, base: str, preset_name: str, seed: int) -> Base:
     torch.manual_seed(seed)
     config = preset(preset_name)
     return Base(version=f"scratch-{preset_name}-s{seed}", config=config, weights=_cpu(ReverieLM(config).state_dict()))
-
-
-def _config_of(manifest: dict[str, Any], preset_name: str) -> ModelConfig:
-    """The model config a checkpoint manifest records (under "model_config" or "config"), else the preset."""
-    for key in ("model_config", "config"):
-        if isinstance(manifest.get(key), dict):
-            return ModelConfig.from_dict(manifest[key])
-    if isinstance(manifest.get("preset"), str):
-        return preset(manifest["preset"])
-    return preset(preset_name)
 
 
 def save_aggregate(store_uri: str, name: str, base_version: str, tensors: dict[str, torch.Tensor],

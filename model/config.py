@@ -95,3 +95,16 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def config_of_manifest(manifest: dict[str, Any], fallback_preset: str | None = None) -> ModelConfig:
+    """The model config a checkpoint manifest records: under "model_config" (sleeps, federation) or
+    "config" (`reverie train`, serving's first version), else its "preset", else `fallback_preset`."""
+    for key in ("model_config", "config"):
+        if isinstance(manifest.get(key), dict):
+            return ModelConfig.from_dict(manifest[key])
+    name = manifest.get("preset") if isinstance(manifest.get("preset"), str) else fallback_preset
+    if name is None:
+        raise ValueError("the checkpoint manifest records no model config ('model_config', 'config' or 'preset'); "
+                         "was it saved by another program?")
+    return preset(name)

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_bytes
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from model.config import ModelConfig, preset
+from model.config import ModelConfig, config_of_manifest, preset
 from model.consolidation import SleepConfig, add_delta, architecture_night, dense_delta, model_from
 from model.corpus import embedded_corpus
 from model.evaluation import GateConfig, Fact, bpb, fact_from_text, gate_failures, recalled, relative_rise
@@ -71,13 +71,6 @@ class Night:
 
 def _store(data: str | None) -> Store:
     return open_store(data or None)
-
-
-def _config_of(manifest: dict[str, Any], fallback: str) -> ModelConfig:
-    for key in ("model_config", "config"):
-        if isinstance(manifest.get(key), dict):
-            return ModelConfig.from_dict(manifest[key])
-    return preset(manifest.get("preset", fallback))
 
 
 def _ancestors(registry: CheckpointRegistry, version: str | None) -> list[str]:
@@ -125,10 +118,10 @@ def open_night(data: str | None, night: str, preset_name: str, seed: int = 0, st
     candidate = promoted[0] if promoted else (tonight[-1] if tonight else None)
     if candidate and not promoted:
         base = registry.manifest(candidate)["parent"]  # resume the night on the base it began from
-    config = _config_of(registry.manifest(base), preset_name)
+    config = config_of_manifest(registry.manifest(base), preset_name)
     run_id = student_run_id(student)
     if candidate:
-        student_config = _config_of(registry.manifest(candidate), preset_name)
+        student_config = config_of_manifest(registry.manifest(candidate), preset_name)
     elif run_id is not None:
         student_config = load_best_genome(store, run_id or None)
     else:

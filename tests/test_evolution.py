@@ -131,3 +131,21 @@ def test_resumed_run_continues_from_parquet_without_re_evaluating(ray_cluster, t
     finished = Evolution(config(evaluations=8), SearchResults(tmp_path.as_uri(), "resume"))
     assert finished.run() == rows
     assert finished.stats.evaluated == 0 and finished.dispatched == []
+
+
+def test_teacher_from_the_registry_reads_a_version_a_sleep_wrote(tmp_path):
+    """Sleeps record their architecture as "model_config", `reverie train` as "config": both load."""
+    from model.config import preset
+    from model.lm import ReverieLM
+    from storage.checkpoints import CheckpointRegistry
+    from storage.config import StorageConfig
+    from workers.evolution import load_teacher
+
+    storage = StorageConfig(root=tmp_path.as_uri())
+    registry = CheckpointRegistry(None, storage)
+    weights = {k: v.detach().contiguous() for k, v in ReverieLM(preset("tiny")).state_dict().items()}
+    first = registry.save(weights, {"config": preset("tiny").to_dict()}, parent=None)
+    slept = registry.save(weights, {"model_config": preset("tiny").to_dict(), "night": "2026-01-05"}, parent=first)
+    registry.promote(slept, expected_current=None)
+    assert load_teacher("registry:current", storage).config == preset("tiny")
+    assert load_teacher(f"registry:{first}", storage).config == preset("tiny")

@@ -40,7 +40,7 @@ import torch
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from model.checkpoint import load_checkpoint, load_weights
-from model.config import ModelConfig
+from model.config import config_of_manifest
 from model.corpus import Corpus, embedded_corpus
 from model.genome import Fitness, Genome, SearchSpace, evaluate_genome, mutate, random_genome, search_space
 from model.lm import ReverieLM
@@ -139,9 +139,7 @@ def load_teacher(spec: str | None, storage: StorageConfig | None = None) -> Reve
             if version is None:
                 raise ValueError("teacher registry:current was asked for, but no checkpoint is promoted yet")
         tensors, manifest = registry.load(version)
-        if "config" not in manifest:
-            raise ValueError(f"checkpoint {version} records no 'config' in its manifest; cannot rebuild the teacher")
-        teacher = ReverieLM(ModelConfig.from_dict(manifest["config"]))
+        teacher = ReverieLM(config_of_manifest(manifest))
         load_weights(teacher, tensors, source=f"checkpoint {version}")
     else:
         teacher, _ = load_checkpoint(spec)

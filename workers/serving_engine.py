@@ -50,7 +50,7 @@ from model.adaptive import complexity
 from model.bitdelta import BitDelta, apply_delta, remove_delta
 from model.consolidation import DenseDelta, stored_delta
 from model.checkpoint import load_checkpoint, load_weights, weights
-from model.config import ModelConfig, preset
+from model.config import ModelConfig, config_of_manifest, preset
 from model.fast_state import FastState
 from model.generate import GenerationConfig, generate_batch
 from model.lm import ReverieLM
@@ -133,13 +133,6 @@ def ensure_current_version(registry: CheckpointRegistry, storage: StorageConfig,
     current = registry.current()
     assert current is not None
     return current
-
-
-def _config_of(manifest: dict[str, Any], fallback: str) -> ModelConfig:
-    for key in ("config", "model_config"):  # first versions write "config", sleeps "model_config"
-        if isinstance(manifest.get(key), dict):
-            return ModelConfig.from_dict(manifest[key])
-    return preset(manifest.get("preset", fallback))
 
 
 # --- per-user fast state ----------------------------------------------------------------------
@@ -311,7 +304,7 @@ class ServingEngine:
     # -- versions ------------------------------------------------------------------------------
     def _load_version(self, version: str) -> None:
         tensors, manifest = self.registry.load(version)
-        model_config = _config_of(manifest, self.config.preset)
+        model_config = config_of_manifest(manifest, self.config.preset)
         if self.model is None or self.model.config != model_config:
             self.model = ReverieLM(model_config).to(self.config.device).eval()
         load_weights(self.model, tensors, source=f"checkpoint {version}")
