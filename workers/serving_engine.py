@@ -224,15 +224,17 @@ class UserStates:
     def _save(self, user_id: str, state: FastState, version: str, turns: int, previous: Future | None) -> None:
         if previous is not None:
             previous.exception()  # wait: saves of one user land in order (an earlier failure is logged there)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
+        tensors = {k: v.detach().contiguous() for k, v in state.tensors().items()}
         self.states.save(user_id, tensors, {"base_version": version, "turns": turns})
         self.store.write_bytes(self._marker(user_id), json.dumps({"turns": turns}).encode())
 
-    def save_behind(self, slots: list[UserSlot]) -> None:
-        """Start saving each slot as it is now, on the save threads (fsync releases the GIL), and return."""
-        for slot in slots:
-            saving = self._savers.submit(self._save, slot.user_id, slot.state, slot.version, slot.turns,
-                                         self._saving.get(slot.user_id))
+    def save_behind(self, slots: list[UserSlot], on_host: FastState) -> None:
+        """Start saving each slot as it is now, on the save threads (fsync releases the GIL), and return.
+        on_host: the slots' states as one batch in CPU memory (one device-to-host copy per batch, made
+        by the caller; save threads copying rows from a GPU would queue behind the next batch's kernels)."""
+        for i, slot in enumerate(slots):
+            saving = self._savers.submit(self._save, slot.user_id, on_host.rows(slice(i, i + 1)), slot.version,
+                                         slot.turns, self._saving.get(slot.user_id))
             saving.add_done_callback(functools.partial(self._saved, slot.user_id))
             self._saving[slot.user_id] = saving
 
@@ -394,7 +396,7 @@ class ServingEngine:
             for i, slot in enumerate(slots):
                 slot.state = state.rows(slice(i, i + 1)).clone()
                 slot.turns += 1
-            self.states.save_behind(slots)
+            self.states.save_behind(slots, state.to("cpu"))
         replies = []
         for request, slot, output in zip(requests, slots, outputs):
             record = ExperienceRecord(user_id=request.user_id, session_id=slot.session_id, prompt=request.prompt,
