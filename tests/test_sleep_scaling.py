@@ -12,13 +12,12 @@ rank 1 read must be learned as well as rank 0's.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import ray
 import torch
 
 import pipelines.consolidate
+from bench.sleep_scaling import notices
 from model.config import preset
 from model.consolidation import SleepConfig, model_from
 from model.corpus import embedded_corpus
@@ -40,17 +39,6 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
-
-
-def notices(count: int, seed: int) -> list[bytes]:
-    """Lines no model can guess: learning them shows up as low bits per byte on exactly them."""
-    rng = random.Random(seed)
-
-    def word(syllables: int) -> str:
-        return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(syllables))
-
-    return [f"Notice: the ferry to {word(2).title()} leaves pier {word(2).title()} at {rng.randrange(1, 12)}:"
-            f"{rng.randrange(10, 59)} with {word(3)}.".encode() for _ in range(count)]
 
 
 def test_two_workers_learn_what_one_worker_learns_at_equal_global_batch(local_ray, tmp_path):
