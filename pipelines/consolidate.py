@@ -82,12 +82,12 @@ def _ancestors(registry: CheckpointRegistry, version: str | None) -> list[str]:
 
 
 def student_run_id(student: str | None) -> str | None:
-    """The search run named by the flow's `student` option ("search" = the latest run; "search:<run_id>"),
-    or None for a night that keeps the architecture."""
-    if student is None or student == "":
+    """The search run named by the flow's `student` option: "search:<run_id>" gives the run id,
+    "search" gives "" (the latest run), None or "" gives None (the night keeps the architecture)."""
+    if not student:
         return None
-    kind, _, run_id = student.partition(":")
-    if kind != "search" or (_ and not run_id):
+    kind, separator, run_id = student.partition(":")
+    if kind != "search" or (separator and not run_id):
         raise ValueError(f"student must be 'search' (the latest search's best genome) or 'search:<run_id>', "
                          f"got {student!r}")
     return run_id or ""
