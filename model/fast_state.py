@@ -103,6 +103,15 @@ class FastState:
         state.em_s = state.em_s * keep
         return state
 
+    def after_promotion(self, config: ModelConfig, keep: float) -> "FastState":
+        """This state under a newly promoted version of `config`: soft-reset by `keep`, or empty
+        when it does not fit `config` (the sleep changed the architecture)."""
+        try:
+            self.validate(config)
+        except ValueError:
+            return FastState.empty(config, self.batch_size, device=self.pos.device)
+        return self.soft_reset(keep)
+
     def write_counts(self) -> dict[str, int]:
         """Sizes and counters that are safe to show (never the contents)."""
         return {"bytes_seen": int(self.pos.sum()), "memory_writes": int(self.writes.sum()),

@@ -297,12 +297,7 @@ def soft_reset_fast_states(data: str | None, candidate: str, keep: float, config
         loaded = states.load(user)
         if loaded is None or loaded[1].get("base_version") == candidate:
             continue
-        state = FastState(**loaded[0])
-        try:
-            state.validate(config)
-            reset = state.soft_reset(keep)
-        except ValueError:
-            reset = FastState.empty(config)
+        reset = FastState(**loaded[0]).after_promotion(config, keep)
         states.save(user, reset.tensors(), {**loaded[1], "base_version": candidate})
         count += 1
     return count

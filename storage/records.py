@@ -86,8 +86,9 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def _timestamp_array(values: list[datetime]) -> pa.Array:
-    """Exact microseconds since the epoch (aware datetimes of any zone), viewed as UTC timestamps:
-    ~4x faster than converting the datetimes themselves (60K records: 18 ms against 72 ms)."""
+    """Exact microseconds since the epoch (aware datetimes of any zone), viewed as UTC timestamps.
+    60K records: 18 ms, against 72 ms through naive datetimes (the way before) and 22 ms for
+    `pa.array` of the aware datetimes."""
     micros = np.fromiter(((v - _EPOCH) // _MICROSECOND for v in values), dtype=np.int64, count=len(values))
     return pa.array(micros, type=pa.int64()).view(EXPERIENCE_SCHEMA.field("ts").type)
 

@@ -9,8 +9,8 @@ Durability contract (what a crash can lose):
   client saw a reply is in the log, so the night's sleep learns it whatever happens next.
 - A user's FastState is saved to the fast-state store after every turn that learned, in the
   background (write-behind, an fsynced write per user on a thread pool): the save of one batch
-  overlaps the computing of the next, which is what keeps learning nearly as fast as not learning
-  (bench/serve_load.py). A replica that dies therefore loses the fast-memory updates whose saves
+  overlaps the computing of the next, off the replies' path (bench/serve_load.py measures what
+  learning still costs). A replica that dies therefore loses the fast-memory updates whose saves
   were still in flight: the last turn of the users of about the last batch (well under a second;
   their turns are in the log). Saves of one user are ordered; `flush` waits for a user's save,
   and `GET /v1/users/{id}` reports only saved state.
@@ -194,11 +194,7 @@ class UserStates:
         while len(self._slots) > self.capacity:
             self._slots.popitem(last=False)  # already saved: eviction only drops the copy
         if slot.version != version:
-            try:
-                slot.state.validate(config)
-                slot.state = slot.state.soft_reset(keep)
-            except ValueError:  # the new version is another architecture (a sleep changed it)
-                slot.state = FastState.empty(config, 1, device=self.device)
+            slot.state = slot.state.after_promotion(config, keep)
             slot.version = version
         return slot
 
@@ -237,6 +233,9 @@ class UserStates:
                                          slot.turns, self._saving.get(slot.user_id))
             saving.add_done_callback(functools.partial(self._saved, slot.user_id))
             self._saving[slot.user_id] = saving
+        if len(self._saving) > self.capacity:  # keep the bookkeeping bounded: finished saves were logged
+            for user in [user for user, saving in self._saving.items() if saving.done()]:
+                del self._saving[user]
 
     def _saved(self, user_id: str, saving: Future) -> None:
         if saving.exception() is not None:
