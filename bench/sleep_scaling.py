@@ -36,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "sleep_scaling.json"
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+# NVLink multicast off, as the device's README asks; Ray's workers inherit the driver's environment.
+for variable in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(variable, "0" if variable == "NCCL_NVLS_ENABLE" else "1")
 
 
 def notices(count: int, seed: int) -> list[bytes]:
@@ -138,9 +140,11 @@ def main() -> None:
                "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
     comparison = compare(runs, args.loss_tolerance)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if gpu:  # the layout: device, gpus_1, gpus_2, speedup
+    if gpu:  # the layout: device, gpus_1, gpus_2, speedup (the last run), and every global batch run
         results["device"] = machine["device"]
-        results.update({f"gpus_{n}": {**r, "machine": machine} for n, r in runs.items()})
+        sections = {f"gpus_{n}": {**r, "machine": machine} for n, r in runs.items()}
+        results.update(sections)
+        results.setdefault("gpu_by_global_batch", {})[str(args.global_batch)] = {**sections, "comparison": comparison}
         if comparison:
             results["speedup"] = comparison["speedup"]
             results["gpu_comparison"] = comparison

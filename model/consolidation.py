@@ -40,6 +40,7 @@ from model.config import ModelConfig
 from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
 from model.lm import ReverieLM
+from model.training import autocast
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
 Weights = dict[str, Tensor]
@@ -72,6 +73,7 @@ class SleepConfig:
     distill_rehearsal: bool = False  # KL from the teacher on the rehearsal rows too (a new architecture)
     architecture_steps: int = 600  # shared steps of a night that changes the architecture (`architecture_night`)
     personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
+    amp: bool = True  # bf16 autocast on CUDA, as training; memory math stays float32 inside the model
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -242,8 +244,9 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        parts = _step_losses(student, teacher, replays[step % len(replays)], rehearsal_data, config, rng,
-                             generator, device)
+        with autocast(torch.device(device), config.amp):
+            parts = _step_losses(student, teacher, replays[step % len(replays)], rehearsal_data, config, rng,
+                                 generator, device)
         if anchor is not None:
             parts["anchor"] = anchor_penalty(student, anchor)
         loss = sum(scales[name] * value for name, value in parts.items())
