@@ -313,7 +313,7 @@ def compile_parts(lm: ReverieLM, backend: str = "inductor") -> None:
 
 def scan_backend(device: torch.device) -> str:
     from model import scan
-    return "accelerated-scan (Triton)" if device.type == "cuda" and scan._triton_scan is not None else "log-depth torch"
+    return "accelerated-scan (Triton)" if device.type == "cuda" and scan._triton_forward is not None else "log-depth torch"
 
 
 def autocast(device: torch.device):

@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--night-lines", type=int, default=4000, help="shareable lines in the synthetic night")
     parser.add_argument("--loss-tolerance", type=float, default=0.03,
                         help="relative difference of the final losses that still counts as the same")
+    parser.add_argument("--worker-logs", action="store_true", help="print the Ray Train workers' output here")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.preset = args.preset or ("base" if gpu else "tiny")
@@ -124,7 +125,7 @@ def main() -> None:
     if gpu and torch.cuda.device_count() < max(counts):
         parser.error(f"--workers {args.workers} needs {max(counts)} GPUs; this machine has {torch.cuda.device_count()}")
     ray.init(num_cpus=max(2, max(counts)), num_gpus=torch.cuda.device_count() if gpu else 0,
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False, log_to_driver=args.worker_logs)
     runs = {}
     try:
         with tempfile.TemporaryDirectory() as storage:

@@ -13,9 +13,17 @@ import torch
 import torch.nn.functional as F
 
 try:  # the GPU fast path is optional: CPU machines (tests, CI) have no Triton
-    from accelerated_scan.scalar import scan as _triton_scan
+    from accelerated_scan.scalar import backward_scan as _triton_backward
+    from accelerated_scan.scalar import forward_scan as _triton_forward
 except ImportError:  # pragma: no cover - depends on the machine
-    _triton_scan = None
+    _triton_forward = _triton_backward = None
+
+# accelerated-scan 0.3.1's backward kernel reads `states[t - 1]` masked only by t > 0, so the lanes
+# of its 2048-wide block past the sequence's end (T < 2048, or T not a multiple of 2048) read up to
+# 2047 elements beyond the last sequence: an illegal memory access when `states` ends a CUDA
+# allocation (compute-sanitizer on an H200, batch 32 x 768 x 512; bench/NOTES.md). Allocating
+# `states` with that much slack keeps the over-read in bounds; the values read are never used.
+_KERNEL_BLOCK = 2048
 
 
 def affine_scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -39,7 +47,7 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
     if a.shape[1] == 1:  # one byte per user (decoding): h_0 = a_0 * h0 + b_0 is already done
         return b
-    if a.is_cuda and _triton_scan is not None and a.dtype == torch.float32:
+    if a.is_cuda and _triton_forward is not None and a.dtype == torch.float32:
         return _fused_scan(a, b)
     return log_depth_scan(a, b)
 
@@ -47,8 +55,30 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
 @torch.compiler.disable  # an opaque Triton kernel with its own backward: torch.compile runs it as is
 def _fused_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """accelerated-scan from a zero state. a, b: (batch, T, d) -> h: (batch, T, d)."""
-    # The kernel wants (batch, channels, T) contiguous.
-    return _triton_scan(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
+    # The kernels want (batch, channels, T) contiguous.
+    return _FusedScan.apply(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
+
+
+class _FusedScan(torch.autograd.Function):
+    """accelerated-scan's forward and backward kernels, with `states` allocated with slack (above)."""
+
+    @staticmethod
+    def forward(ctx, forget: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        batch, channels, length = forget.shape
+        states = torch.empty(forget.numel() + _KERNEL_BLOCK, device=forget.device, dtype=forget.dtype)
+        states = states[:forget.numel()].view(batch, channels, length)
+        _triton_forward[(batch, channels)](forget, inputs, states, seqlen=length, enable_fp_fusion=False)
+        ctx.save_for_backward(forget, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, d_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        forget, states = ctx.saved_tensors
+        batch, channels, length = forget.shape
+        d_forget, d_inputs = torch.empty_like(forget), torch.empty_like(states)
+        _triton_backward[(batch, channels)](forget, states, d_output.contiguous(), d_inputs, d_forget,
+                                            seqlen=length, enable_fp_fusion=False)
+        return d_forget, d_inputs
 
 
 def log_depth_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
