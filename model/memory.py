@@ -87,30 +87,44 @@ class SlotMemory(nn.Module):
 
     def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         """queries (b, t, d) -> retrieved values (b, t, d), in the space of the written values."""
+        return self.combine(queries @ slots.keys.transpose(1, 2), slots)
+
+    def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """scores (b, t, m) of queries against the slot keys -> retrieved values (b, t, d)."""
         raise NotImplementedError
 
-    def write(self, slots: Slots, trace: Trace, span: int) -> tuple[Slots, torch.Tensor]:
-        """Write one item from a closed span's trace. Returns the new slots and (b,) write flags."""
+    def write(self, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
+              ) -> tuple[Slots, torch.Tensor]:
+        """Write one item from a closed span's trace. Returns the new slots and (b,) write flags.
+
+        closes: (b,) bool, the rows whose span ends (None: all); other rows come back unchanged.
+        Decoding users at different span offsets write on most steps, so this runs once per
+        memory per byte: it is written for few tensor operations (one score product shared by the
+        prediction and the novelty, the row mask folded into the update), not for clarity alone.
+        """
         key = F.normalize(trace.keys, dim=-1)
         value = trace.values / span
-        predicted = self.retrieve(key[:, None], slots)[:, 0]
+        scores = key[:, None] @ slots.keys.transpose(1, 2)  # (b, 1, m)
+        predicted = self.combine(scores, slots)[:, 0]
         surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
         used = slots.strengths > 0
-        similarity = torch.einsum("bd,bmd->bm", key, slots.keys).masked_fill(~used, -1.0)
-        novelty = 1.0 - similarity.max(dim=-1).values.clamp(min=0.0)
+        novelty = 1.0 - scores[:, 0].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
         fill = used.to(value.dtype).mean(dim=-1)
         strength = self.neuromodulator(surprise, novelty, fill).to(value.dtype)
         writes = strength > WRITE_THRESHOLD
-
-        decayed = slots.strengths * self.decay
-        slot = torch.arange(decayed.shape[-1], device=decayed.device)
-        weakest = (slot == decayed.argmin(dim=-1, keepdim=True)) & writes[:, None]  # (b, m), no host sync
+        decay = torch.full_like(strength, self.decay)
+        if closes is not None:
+            writes = writes & closes
+            decay = torch.where(closes, decay, 1.0)
+        decayed = slots.strengths * decay[:, None]
+        weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[:, None])
         keys = torch.where(weakest[..., None], key[:, None], slots.keys)
         values = torch.where(weakest[..., None], value[:, None], slots.values)
         strengths = torch.where(weakest, strength[:, None], decayed)
-        total = strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)
-        strengths = strengths * (self.budget / total).clamp(max=1.0)
-        return Slots(keys, values, strengths), writes.long()
+        scale = (self.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+        if closes is not None:
+            scale = torch.where(closes[:, None], scale, 1.0)
+        return Slots(keys, values, strengths * scale), writes.long()
 
 
 class ProceduralMemory(SlotMemory):
@@ -121,9 +135,8 @@ class ProceduralMemory(SlotMemory):
         self.neuromodulator = PMNeuromodulator()
         self.gain = nn.Parameter(torch.tensor(0.5))
 
-    def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
-        scores = torch.einsum("btd,brd->btr", queries, slots.keys) * slots.strengths[:, None, :]
-        return torch.einsum("btr,brd->btd", scores, slots.values)
+    def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
+        return (scores * slots.strengths[:, None, :]) @ slots.values
 
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.gain * self.retrieve(queries, slots)
@@ -144,8 +157,7 @@ class EpisodicMemory(SlotMemory):
         """hidden (b, t, d) -> unit queries (b, t, d), also used as write keys."""
         return F.normalize(self.query(hidden), dim=-1)
 
-    def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
-        scores = torch.einsum("btd,bmd->btm", queries, slots.keys)
+    def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
         used = (slots.strengths > 0)[:, None, :].expand_as(scores)
         # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
         scores = scores.masked_fill(~used, -1e4)
@@ -153,7 +165,7 @@ class EpisodicMemory(SlotMemory):
         weights = torch.softmax(top_scores * self.log_temperature.exp(), dim=-1)
         weights = weights * used.gather(-1, top_index)  # empty slots contribute nothing
         dense = torch.zeros_like(scores).scatter(-1, top_index, weights)
-        return torch.einsum("btm,bmd->btd", dense, slots.values)
+        return dense @ slots.values
 
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.out(self.retrieve(queries, slots))
@@ -199,16 +211,13 @@ def _close_span(memory: SlotMemory, slots: Slots, trace: Trace, writes: torch.Te
     """Write from the trace and empty it where a span closes; `closes` False leaves all as they are."""
     if closes is False:
         return slots, trace, writes
-    written, wrote = memory.write(slots, trace, span)
-    empty = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
     if closes is True:
-        return written, empty, writes + wrote
+        written, wrote = memory.write(slots, trace, span)
+        return written, Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values)), writes + wrote
     # only the users whose span ends here
-    return (Slots(*(_where_rows(closes, new, old) for new, old in zip(written, slots))),
-            Trace(*(_where_rows(closes, new, old) for new, old in zip(empty, trace))),
-            writes + wrote * closes)
-
-
+    written, wrote = memory.write(slots, trace, span, closes)
+    keep = (~closes)[:, None].to(trace.keys.dtype)
+    return written, Trace(trace.keys * keep, trace.values * keep), writes + wrote
 class SpanGrid(NamedTuple):
     """Segments laid out as rows of a (S, P) grid: the first right-aligned, the others left-aligned.
 
@@ -259,7 +268,3 @@ def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: 
             slots, trace, writes = _close_span(memory, slots, trace, writes, segment.closes_span, span)
     return torch.cat(reads, dim=1), slots, trace, writes
 
-
-def _where_rows(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """rows (b,) bool -> `new` in those rows, `old` elsewhere."""
-    return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)
