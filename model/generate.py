@@ -88,7 +88,8 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
     rows: list[FastState | None] = [None] * len(prompts)
     last_logits: list[torch.Tensor | None] = [None] * len(prompts)
     surprises = [0.0] * len(prompts)
-    for group in _prefill_groups(prompts, (state.pos % model.config.span).tolist()):
+    phases = (state.pos % model.config.span).tolist() if config.learn else [0] * len(prompts)  # see forward
+    for group in _prefill_groups(prompts, phases):
         logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
         for j, i in enumerate(group):
             rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]

@@ -119,6 +119,28 @@ def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
             torch.testing.assert_close(tensor, state.rows(slice(i, i + 1)).tensors()[name])
 
 
+def test_reading_without_learning_batches_users_at_any_span_phase(tiny_model_f64):
+    """learn=False writes nothing, so users at different span phases are read in one batch and
+    give what each gives alone."""
+    empty = FastState.empty(TINY, 1, dtype=torch.float64)
+    state = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty, learn=True)[1] for n in (5, 11, 16)])
+    prompts = [bytes(random_bytes(1, 2 * TINY.span + 3, seed=s)[0].tolist()) for s in (7, 8, 9)]
+    config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0, learn=False)
+    batch_sizes: list[int] = []
+    hook = tiny_model_f64.embed.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        together, after = generate_batch(tiny_model_f64, prompts, state, config)
+    finally:
+        hook.remove()
+    assert set(batch_sizes) == {3}  # the prompts and every decoding step: all three users at once
+    for i, prompt in enumerate(prompts):
+        alone, alone_state = generate_batch(tiny_model_f64, [prompt], state.rows(slice(i, i + 1)), config)
+        assert alone[0].response == together[i].response
+        assert alone[0].metrics["surprise_bits"] == pytest.approx(together[i].metrics["surprise_bits"], abs=1e-9)
+        for name, tensor in alone_state.tensors().items():
+            torch.testing.assert_close(tensor, after.rows(slice(i, i + 1)).tensors()[name])
+
+
 # --- fast memory --------------------------------------------------------------------------------
 def test_fast_memory_write_changes_later_predictions(tiny_model):
     lesson, probe = random_bytes(1, 4 * TINY.span, seed=3), random_bytes(1, 20, seed=4)
