@@ -14,6 +14,7 @@ Ray's start-up of the worker group is not counted; it is reported apart as `wall
     python bench/sleep_scaling.py                        # CPU workers here (tiny preset) -> "cpu"
     python bench/sleep_scaling.py --device cuda --workers 1      # one GPU -> "gpus_1"
     python bench/sleep_scaling.py --device cuda --workers 1,2    # two GPUs of one host -> "gpus_1", "gpus_2"
+    python bench/sleep_scaling.py --device cuda --workers 1,2 --global-batch 128   # the committed figure
 
 Writes bench/results/sleep_scaling.json (sections kept from earlier runs: the CPU section from
 here, the GPU ones from the lent device) and prints a table. NVLink multicast stays off
@@ -98,7 +99,8 @@ def compare(runs: dict[int, dict], tolerance: float) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Sections: cpu (CPU workers), gpus_N (N GPUs, one per worker).")
+                                     epilog="Sections: cpu (CPU workers), gpus_N (N GPUs, one per worker, the last run), "
+                                            "gpu_by_global_batch (every GPU run, by --global-batch).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts, run in this order")
     parser.add_argument("--preset", help="model preset (default: tiny on CPU, base on CUDA)")
