@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "sleep_scaling.json"
 # NVLink multicast off, as the device's README asks; Ray's workers inherit the driver's environment.
-for variable in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(variable, "0" if variable == "NCCL_NVLS_ENABLE" else "1")
+for variable, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                        "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(variable, value)
 
 
 def notices(count: int, seed: int) -> list[bytes]:

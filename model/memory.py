@@ -112,11 +112,10 @@ class SlotMemory(nn.Module):
         fill = used.to(value.dtype).mean(dim=-1)
         strength = self.neuromodulator(surprise, novelty, fill).to(value.dtype)
         writes = strength > WRITE_THRESHOLD
-        decay = torch.full_like(strength, self.decay)
+        decayed = slots.strengths * self.decay
         if closes is not None:
             writes = writes & closes
-            decay = torch.where(closes, decay, 1.0)
-        decayed = slots.strengths * decay[:, None]
+            decayed = torch.where(closes[:, None], decayed, slots.strengths)
         weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[:, None])
         keys = torch.where(weakest[..., None], key[:, None], slots.keys)
         values = torch.where(weakest[..., None], value[:, None], slots.values)
@@ -218,6 +217,8 @@ def _close_span(memory: SlotMemory, slots: Slots, trace: Trace, writes: torch.Te
     written, wrote = memory.write(slots, trace, span, closes)
     keep = (~closes)[:, None].to(trace.keys.dtype)
     return written, Trace(trace.keys * keep, trace.values * keep), writes + wrote
+
+
 class SpanGrid(NamedTuple):
     """Segments laid out as rows of a (S, P) grid: the first right-aligned, the others left-aligned.
 

@@ -104,6 +104,18 @@ def test_batched_decoding_of_users_at_different_offsets_equals_decoding_each_alo
         torch.testing.assert_close(alone_state.pm_s, state.rows(slice(i, i + 1)).pm_s)
 
 
+def assert_each_alone_gives_the_same(model: ReverieLM, prompts: list[bytes], start: FastState,
+                                     config: GenerationConfig, together: list, after: FastState) -> None:
+    """Each user generated alone from its row of `start` gives the reply, surprise and state that
+    the batch gave it (`together`, `after`)."""
+    for i, prompt in enumerate(prompts):
+        alone, alone_state = generate_batch(model, [prompt], start.rows(slice(i, i + 1)), config)
+        assert alone[0].response == together[i].response
+        assert alone[0].metrics["surprise_bits"] == pytest.approx(together[i].metrics["surprise_bits"], abs=1e-9)
+        for name, tensor in alone_state.tensors().items():
+            torch.testing.assert_close(tensor, after.rows(slice(i, i + 1)).tensors()[name])
+
+
 def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
     """Equal-length prompts at the same span phase are prefilled as one batch; the third is not."""
     prompts = [bytes(random_bytes(1, 2 * TINY.span + 3, seed=s)[0].tolist()) for s in (5, 6)]
@@ -111,12 +123,7 @@ def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
     config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0)
     empty = FastState.empty(TINY, 3, dtype=torch.float64)
     together, state = generate_batch(tiny_model_f64, prompts, empty, config)
-    for i, prompt in enumerate(prompts):
-        alone, alone_state = generate_batch(tiny_model_f64, [prompt], empty.rows(slice(i, i + 1)), config)
-        assert alone[0].response == together[i].response
-        assert alone[0].metrics["surprise_bits"] == pytest.approx(together[i].metrics["surprise_bits"], abs=1e-9)
-        for name, tensor in alone_state.tensors().items():
-            torch.testing.assert_close(tensor, state.rows(slice(i, i + 1)).tensors()[name])
+    assert_each_alone_gives_the_same(tiny_model_f64, prompts, empty, config, together, state)
 
 
 def test_reading_without_learning_batches_users_at_any_span_phase(tiny_model_f64):
@@ -133,12 +140,7 @@ def test_reading_without_learning_batches_users_at_any_span_phase(tiny_model_f64
     finally:
         hook.remove()
     assert set(batch_sizes) == {3}  # the prompts and every decoding step: all three users at once
-    for i, prompt in enumerate(prompts):
-        alone, alone_state = generate_batch(tiny_model_f64, [prompt], state.rows(slice(i, i + 1)), config)
-        assert alone[0].response == together[i].response
-        assert alone[0].metrics["surprise_bits"] == pytest.approx(together[i].metrics["surprise_bits"], abs=1e-9)
-        for name, tensor in alone_state.tensors().items():
-            torch.testing.assert_close(tensor, after.rows(slice(i, i + 1)).tensors()[name])
+    assert_each_alone_gives_the_same(tiny_model_f64, prompts, state, config, together, after)
 
 
 # --- fast memory --------------------------------------------------------------------------------
