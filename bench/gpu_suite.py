@@ -56,7 +56,7 @@ from bench.baselines import GPT  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
-from model.memory import Segment, span_segments  # noqa: E402
+from model.memory import SpanPlan  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput
 GOALS = {"training_ratio": 1.0, "training_mfu": 0.40, "learn_on_vs_off": 0.9, "reverie_vs_kv_gpt": 3.0,
@@ -209,7 +209,7 @@ def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: b
     working memory takes its cached path (right for an empty cache too). byte (b,) -> logits (b, 1, 256)."""
     span = lm.config.span
     closes = (state.pos % span) + 1 == span
-    return lm._run(byte[:, None], state, learn, lm.config.n_layers, [Segment(0, 1, closes_span=closes)],
+    return lm._run(byte[:, None], state, learn, lm.config.n_layers, SpanPlan.one_byte(closes, byte.shape[0]),
                    fresh=False)
 
 
@@ -384,9 +384,9 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                           torch.rand(2, m, generator=g, device=device, dtype=torch.float64))
             trace = Trace(randn(2, config.d_model), randn(2, config.d_model))
             for learn in (True, False):
-                segments = span_segments(7, length, config.span)
-                fast = run_over_spans(memory, queries, values, slots, trace, segments, config.span, learn)
-                ref = run_over_spans_reference(memory, queries, values, slots, trace, segments, config.span, learn)
+                plan = SpanPlan.of([7, config.span - 3], length, config.span, device)  # two users at different offsets
+                fast = run_over_spans(memory, queries, values, slots, trace, plan, config.span, learn)
+                ref = run_over_spans_reference(memory, queries, values, slots, trace, plan, config.span, learn)
                 errors[f"{kind} learn={learn}"] = max(rel_err(f, r) for f, r in
                                                       zip((fast[0], *fast[1], *fast[2]), (ref[0], *ref[1], *ref[2])))
         return check(max(errors.values()), 1e-9, dtype="float64", cases=errors)
@@ -536,11 +536,11 @@ def graphed_train_step(lm: ReverieLM, optimizer: torch.optim.Optimizer, data: to
     the first, eager warm-up step."""
     config = lm.config
     empty = FastState.empty(config, data.shape[0], device=device)
-    segments = span_segments(0, data.shape[1] - 1, config.span)
+    plan = SpanPlan.of([0] * data.shape[0], data.shape[1] - 1, config.span, device)
 
     def step() -> torch.Tensor:
         with autocast(device):
-            logits, _ = lm._run(data[:, :-1], empty, True, config.n_layers, segments, fresh=True)
+            logits, _ = lm._run(data[:, :-1], empty, True, config.n_layers, plan, fresh=True)
             loss = bits_per_byte(logits, data[:, 1:])
         loss.backward()
         optimizer.step()

@@ -43,7 +43,7 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
 def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bool
              ) -> tuple[torch.Tensor, FastState, list[float]]:
-    """Read equally long prompts of users at the same span phase together, in chunks of max_seq_len.
+    """Read equally long prompts together (users may be at any span phase), in chunks of max_seq_len.
 
     -> last logits (b, 256), state, each prompt's surprise in bits/byte.
     """
@@ -65,11 +65,11 @@ def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bo
     return logits, state, surprise
 
 
-def _prefill_groups(prompts: list[bytes], phases: list[int]) -> list[list[int]]:
-    """Users whose prompts can be read in one batch: same length, same position within a span."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (prompt, phase) in enumerate(zip(prompts, phases, strict=True)):
-        groups.setdefault((len(prompt), phase), []).append(i)
+def _prefill_groups(prompts: list[bytes]) -> list[list[int]]:
+    """Users whose prompts can be read in one batch: those of the same length."""
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(i)
     return list(groups.values())
 
 
@@ -88,8 +88,7 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
     rows: list[FastState | None] = [None] * len(prompts)
     last_logits: list[torch.Tensor | None] = [None] * len(prompts)
     surprises = [0.0] * len(prompts)
-    phases = (state.pos % model.config.span).tolist() if config.learn else [0] * len(prompts)  # see forward
-    for group in _prefill_groups(prompts, phases):
+    for group in _prefill_groups(prompts):
         logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
         for j, i in enumerate(group):
             rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]

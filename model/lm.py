@@ -19,13 +19,14 @@ from torch import nn
 from model.config import ModelConfig
 from model.fast_state import FastState
 from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
-from model.memory import (EpisodicMemory, ProceduralMemory, Segment, Slots, Trace, run_over_spans,
-                          span_segments)
+from model.memory import (Closes, EpisodicMemory, ProceduralMemory, Slots, SpanPlan, Trace, close_spans,
+                          run_over_spans)
 
 
 # FastState tensors with one row per layer (dim 1), and with one row per block.
 LAYER_FIELDS = ("scan_h", "pm_k", "pm_v", "pm_s", "pm_elig_k", "pm_elig_v")
 BLOCK_FIELDS = ("em_k", "em_v", "em_s", "em_elig_k", "em_elig_v")
+PM_FIELDS = LAYER_FIELDS[1:]  # slots, then trace
 
 
 @dataclass
@@ -48,15 +49,16 @@ class Layer(nn.Module):
         self.ff = feed_forward(config)
         self.span = config.span
 
-    def forward(self, x: torch.Tensor, state: LayerState, segments, learn: bool
+    def forward(self, x: torch.Tensor, state: LayerState, plan: SpanPlan, learn: bool
                 ) -> tuple[torch.Tensor, LayerState]:
+        """The span ends of the plan's last row are left to `ReverieLM._close_last_spans`."""
         u = self.mix_norm(x)
         y, carry = self.mixer(u, state.carry)
         with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
             wide = float32_or_wider(u)
             queries = F.normalize(u.to(wide), dim=-1)
             reads, slots, trace, writes = run_over_spans(self.procedural, queries, y.to(wide), state.slots,
-                                                         state.trace, segments, self.span, learn)
+                                                         state.trace, plan, self.span, learn, close_last=False)
         x = x + y + reads.to(x.dtype)
         x = x + self.ff(self.ff_norm(x))
         return x, LayerState(carry, slots, trace, state.writes + writes)
@@ -72,14 +74,15 @@ class Block(nn.Module):
         self.episodic = EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)
         self.span = config.span
 
-    def recall(self, x: torch.Tensor, slots: Slots, trace: Trace, segments, learn: bool):
-        """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x), new slots, trace, writes."""
+    def recall(self, x: torch.Tensor, slots: Slots, trace: Trace, plan: SpanPlan, learn: bool):
+        """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x), new slots, trace, writes.
+        As in `Layer.forward`, the last row's span ends are left to the model."""
         u = self.em_norm(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             wide = float32_or_wider(u)
             queries = self.episodic.queries(u.to(wide))
             reads, slots, trace, writes = run_over_spans(self.episodic, queries, u.to(wide), slots, trace,
-                                                         segments, self.span, learn)
+                                                         plan, self.span, learn, close_last=False)
         return x + reads.to(x.dtype), slots, trace, writes
 
 
@@ -156,28 +159,19 @@ class ReverieLM(nn.Module):
             positions = state.pos.tolist()  # the one host sync of a forward with a given state
         # Without learning nothing is written, so where each user's spans end does not matter.
         phases = [p % span for p in positions] if learn else [0] * batch
-        aligned = len(set(phases)) == 1
-        if not aligned and length > 1:
-            # Users at different offsets inside a span: run each alone so spans stay aligned.
-            results = [self.forward(tokens[i:i + 1], state.rows(slice(i, i + 1)), learn=learn,
-                                    active_layers=active_layers) for i in range(batch)]
-            return torch.cat([r[0] for r in results]), FastState.cat([r[1] for r in results])
         started = time.perf_counter()
         active = self.config.n_layers if active_layers is None else active_layers
         if not 1 <= active <= self.config.n_layers:
             raise ValueError(f"active_layers must be in 1..{self.config.n_layers}, got {active}")
-        if aligned:
-            segments = span_segments(phases[0], length, span)
-        else:  # one byte per user: each user's span may or may not end here
-            segments = [Segment(0, 1, closes_span=decode_closes(phases, state.pos, span))]
-        logits, new_state = self._run(tokens, state, learn, active, segments, fresh=not any(positions))
+        plan = SpanPlan.of(phases, length, span, tokens.device)
+        logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions))
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
     def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
-             segments: list[Segment], fresh: bool) -> tuple[torch.Tensor, FastState]:
+             plan: SpanPlan, fresh: bool) -> tuple[torch.Tensor, FastState]:
         """The network over tokens (b, T) from `state`, with no host syncs (CUDA-graph capturable
         for fixed arguments). fresh: every user is at position 0 with empty working memory."""
         writes = state.writes
@@ -192,7 +186,7 @@ class ReverieLM(nn.Module):
                 given = LayerState(state.scan_h[:, index],
                                    Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
                                    Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
-                x, returned = layer(x, given, segments, learn)
+                x, returned = layer(x, given, plan, learn)
                 writes = returned.writes
                 _collect(rows, LAYER_FIELDS, (given.carry, *given.slots, *given.trace),
                          (returned.carry, *returned.slots, *returned.trace))
@@ -200,7 +194,7 @@ class ReverieLM(nn.Module):
             else:
                 slots = Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b])
                 trace = Trace(state.em_elig_k[:, b], state.em_elig_v[:, b])
-                x, new_slots, new_trace, em_writes = block.recall(x, slots, trace, segments, learn)
+                x, new_slots, new_trace, em_writes = block.recall(x, slots, trace, plan, learn)
                 writes = writes + em_writes
                 _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*new_slots, *new_trace))
                 if b == 0:
@@ -210,11 +204,41 @@ class ReverieLM(nn.Module):
             break
         logits = F.linear(self.final_norm(x), self.embed.weight)
         new = state.tensors()
+        if learn and plan.closes[-1] is not False:
+            writes = self._close_last_spans(new, rows, plan.closes[-1], writes)
         for name, replaced in rows.items():
             new[name] = _replace_rows(new[name], replaced)
         new["wm_k"], new["wm_v"], new["wm_pos"] = wm
         new["pos"], new["writes"] = state.pos + tokens.shape[1], writes
         return logits, FastState(**new)
+
+    def _close_last_spans(self, new: dict[str, torch.Tensor], rows: dict[str, list[torch.Tensor | None]],
+                          closes: Closes, writes: torch.Tensor) -> torch.Tensor:
+        """The writes of the spans that end with the call's last row, for every memory it ran: all
+        procedural memories as one batched write, all episodic ones as another. Nothing in the call
+        read after them, so this equals writing each memory in its layer, in 2 writes instead of
+        n_layers + n_blocks; decoding users at different span offsets write on most bytes.
+
+        new: the given state's tensors, rows: what each memory returned (`_collect`); the written
+        memories' fields move from rows to new. Returns writes (b,) plus those made.
+        """
+        layers = [layer.procedural for block in self.blocks for layer in block.layers]
+        groups = ((ProceduralMemory, layers[:len(rows["pm_k"])], PM_FIELDS),
+                  (EpisodicMemory, [block.episodic for block in self.blocks[:len(rows["em_k"])]], BLOCK_FIELDS))
+        with torch.autocast(device_type=writes.device.type, enabled=False):  # memory math in float32
+            for kind, memories, fields in groups:
+                if not memories:
+                    continue
+                count = len(memories)
+                stacked = [torch.stack([new[name][:, i] if row is None else row for i, row in enumerate(rows.pop(name))])
+                           for name in fields]  # (count, b, ...): instances first
+                slots, trace, writes = close_spans(kind.stacked_rule(memories), Slots(*stacked[:3]),
+                                                   Trace(*stacked[3:]), writes, closes, self.config.span)
+                for name, written in zip(fields, (*slots, *trace), strict=True):
+                    rest = new[name][:, count:]
+                    new[name] = written.transpose(0, 1) if rest.shape[1] == 0 else torch.cat(
+                        [written.transpose(0, 1), rest], dim=1)
+        return writes
 
     @torch.no_grad()
     def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True
@@ -227,14 +251,6 @@ class ReverieLM(nn.Module):
 def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in bits. logits (b, T, 256), targets (b, T)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / torch.log(torch.tensor(2.0))
-
-
-def decode_closes(phases: list[int], pos: torch.Tensor, span: int) -> bool | torch.Tensor:
-    """Whose span ends with this one byte, for users at different phases: False when nobody's
-    (known on the host: no write is computed), else a (b,) bool mask computed on the device."""
-    if all(phase + 1 != span for phase in phases):
-        return False
-    return (pos % span) + 1 == span
 
 
 def _collect(rows: dict[str, list[torch.Tensor | None]], names: tuple[str, ...],

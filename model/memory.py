@@ -8,13 +8,16 @@ the weakest slot, and rescale strengths to a norm budget, so a memory never grow
 Inside a span the memory is read-only, so everything except the tiny per-span write runs in
 parallel over the sequence. `run_over_spans` loops over spans only to write, on (b, slots, d)
 tensors, keeping the slots each span started from; then it reads every position in one batched
-call, each position against its own span's snapshot. `run_over_spans_reference` is the readable
-loop (read a segment, then write) that the tests compare it against.
+call, each position against its own span's snapshot. Users may sit at different offsets inside
+their spans (`SpanPlan` lines their spans up). `run_over_spans_reference` is the readable loop
+(one user at a time: read a segment, then write) that the tests compare it against.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,7 @@ class Trace(NamedTuple):
 class Segment(NamedTuple):
     start: int
     stop: int
-    closes_span: bool | torch.Tensor  # a (b,) bool tensor when users sit at different span offsets
+    closes_span: bool
 
 
 def span_segments(phase: int, length: int, span: int) -> list[Segment]:
@@ -50,6 +53,92 @@ def span_segments(phase: int, length: int, span: int) -> list[Segment]:
         segments.append(Segment(start, stop, closes_span=(in_span + stop - start) == span))
         start, in_span = stop, 0
     return segments
+
+
+Closes = bool | torch.Tensor  # everyone's span ends (True), nobody's (False), or a (b,) bool mask
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    """Where each user's spans end in one call of `length` bytes, laid out as S rows of P columns.
+
+    User i's bytes start at column `leads[i]` of row 0, so every row boundary is a span boundary
+    for every user, whatever their offset inside a span: reads of a row see the slots as they were
+    at the row's start, and `closes[s]` says whose span ends with row s. Every row but the first
+    and the last holds a whole span. When all users share an offset (training, or users served in
+    step), folding into the grid is a reshape; otherwise a gather through `_fold_index`.
+    """
+
+    length: int  # T
+    width: int  # P
+    leads: tuple[int, ...]
+    closes: tuple[Closes, ...]  # one per row
+    _fold_index: torch.Tensor | None = None  # (b, S*P) source position, T = a zero row
+    _unfold_index: torch.Tensor | None = None  # (b, T) grid position of each byte
+
+    @classmethod
+    def of(cls, phases: list[int], length: int, span: int, device: torch.device | str = "cpu") -> "SpanPlan":
+        """The plan for users at `phases` (bytes already in their current span) reading `length` bytes."""
+        if not phases or length < 1 or any(not 0 <= phase < span for phase in phases):
+            raise ValueError(f"a span plan needs >= 1 user at phases in [0, {span}) and length >= 1, "
+                             f"got phases {phases} and length {length}")
+        per_user = [span_segments(phase, length, span) for phase in phases]
+        rows = max(len(segments) for segments in per_user)
+        sizes = [segment.stop - segment.start for segments in per_user for segment in segments]
+        width = span if any(len(segments) > 2 for segments in per_user) else max(sizes)
+        leads = tuple(width - (segments[0].stop - segments[0].start) for segments in per_user)
+        closes = tuple(_collapse([segments[s].closes_span if s < len(segments) else False
+                                  for segments in per_user], device) for s in range(rows))
+        if len(set(leads)) == 1:
+            return cls(length, width, leads, closes)
+        lead = torch.tensor(leads, device=device)[:, None]
+        source = torch.arange(rows * width, device=device) - lead
+        fold_index = torch.where((source >= 0) & (source < length), source, length)
+        return cls(length, width, leads, closes, fold_index, torch.arange(length, device=device) + lead)
+
+    @classmethod
+    def one_byte(cls, closes: Closes, batch: int) -> "SpanPlan":
+        """One byte per user with whose span it ends given, e.g. as a mask computed on the device."""
+        return cls(1, 1, (0,) * batch, (closes,))
+
+    @property
+    def rows(self) -> int:
+        return len(self.closes)
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, T, d) -> (b, S, P, d), zeros in the padding."""
+        if self._fold_index is None:
+            lead = self.leads[0]
+            tail = self.rows * self.width - lead - self.length
+            if lead or tail:
+                x = F.pad(x, (0, 0, lead, tail))
+        else:
+            x = F.pad(x, (0, 0, 0, 1)).gather(1, self._fold_index[..., None].expand(-1, -1, x.shape[-1]))
+        return x.unflatten(1, (self.rows, self.width))
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, S, P, d) -> (b, T, d), padding dropped."""
+        x = x.flatten(1, 2)
+        if self._unfold_index is None:
+            return x[:, self.leads[0]:self.leads[0] + self.length]
+        return x.gather(1, self._unfold_index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def segments(self, user: int) -> list[Segment]:
+        """User `user`'s bytes cut where its spans end (what `span_segments` gives for its phase)."""
+        cut = []
+        for row, closes in enumerate(self.closes):
+            start = max(0, row * self.width - self.leads[user])
+            stop = min(self.length, (row + 1) * self.width - self.leads[user])
+            if start < stop:
+                cut.append(Segment(start, stop, closes if isinstance(closes, bool) else bool(closes[user])))
+        return cut
+
+
+def _collapse(flags: list[bool], device: torch.device | str) -> Closes:
+    """A plain bool when every user agrees (known on the host: no masked write), else a mask."""
+    if all(flags) or not any(flags):
+        return flags[0]
+    return torch.tensor(flags, device=device)
 
 
 class Neuromodulator(nn.Module):
@@ -75,6 +164,79 @@ class EMNeuromodulator(Neuromodulator):
     """One per episodic-memory instance (per block)."""
 
 
+def stacked_neuromodulators(modules: list[Neuromodulator]) -> Callable[..., torch.Tensor]:
+    """Several neuromodulators as one function of (n, b) inputs, instance i using modules[i]."""
+    w1, b1, w2, b2 = (torch.stack([module.net[k].weight if kind == "w" else module.net[k].bias for module in modules])
+                      for k, kind in ((0, "w"), (0, "b"), (2, "w"), (2, "b")))
+
+    def strength(surprise: torch.Tensor, novelty: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        features = torch.stack([surprise, novelty, fill], dim=-1).to(w1.dtype)  # (n, b, 3)
+        hidden = F.silu(torch.baddbmm(b1[:, None], features, w1.transpose(1, 2)))
+        return torch.sigmoid(torch.baddbmm(b2[:, None], hidden, w2.transpose(1, 2))).squeeze(-1)
+
+    return strength
+
+
+class WriteRule(NamedTuple):
+    """What a write needs from a memory, or from a stack of like memories (instance dim first)."""
+
+    combine: Callable[[torch.Tensor, Slots], torch.Tensor]
+    neuromodulator: Callable[..., torch.Tensor]
+    decay: float
+    budget: float
+
+
+def strength_weighted_combine(scores: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """PM's read: sum_i s_i (q . k_i) v_i. scores (..., t, m) -> (..., t, d)."""
+    return (scores * slots.strengths[..., None, :]) @ slots.values
+
+
+def top_k_combine(scores: torch.Tensor, slots: Slots, topk: int, sharpness: torch.Tensor) -> torch.Tensor:
+    """EM's read: a softmax over the top-k used slots. scores (..., t, m) -> (..., t, d)."""
+    used = (slots.strengths > 0)[..., None, :].expand_as(scores)
+    # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
+    scores = scores.masked_fill(~used, -1e4)
+    top_scores, top_index = scores.topk(topk, dim=-1)
+    weights = torch.softmax(top_scores * sharpness, dim=-1)
+    weights = weights * used.gather(-1, top_index)  # empty slots contribute nothing
+    dense = torch.zeros_like(scores).scatter(-1, top_index, weights)
+    return dense @ slots.values
+
+
+def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
+                ) -> tuple[Slots, torch.Tensor]:
+    """Write one item from a closed span's trace. Returns the new slots and write flags.
+
+    Shapes: slots (..., b, m, d), trace (..., b, d); leading dims are stacked memory instances.
+    closes: (b,) bool, the rows whose span ends (None: all); other rows come back unchanged.
+    Decoding users at different span offsets write on most steps, so this is written for few
+    tensor operations (one score product shared by the prediction and the novelty, the row mask
+    folded into the update), not for clarity alone.
+    """
+    key = F.normalize(trace.keys, dim=-1)
+    value = trace.values / span
+    scores = key[..., None, :] @ slots.keys.transpose(-1, -2)  # (..., b, 1, m)
+    predicted = rule.combine(scores, slots)[..., 0, :]
+    surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
+    used = slots.strengths > 0
+    novelty = 1.0 - scores[..., 0, :].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
+    fill = used.to(value.dtype).mean(dim=-1)
+    strength = rule.neuromodulator(surprise, novelty, fill).to(value.dtype)
+    writes = strength > WRITE_THRESHOLD
+    decayed = slots.strengths * rule.decay
+    if closes is not None:
+        writes = writes & closes
+        decayed = torch.where(closes[:, None], decayed, slots.strengths)
+    weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[..., None])
+    keys = torch.where(weakest[..., None], key[..., None, :], slots.keys)
+    values = torch.where(weakest[..., None], value[..., None, :], slots.values)
+    strengths = torch.where(weakest, strength[..., None], decayed)
+    scale = (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+    if closes is not None:
+        scale = torch.where(closes[:, None], scale, 1.0)
+    return Slots(keys, values, strengths * scale), writes.long()
+
+
 class SlotMemory(nn.Module):
     """Write rule shared by PM and EM; subclasses define how a read combines slots."""
 
@@ -95,35 +257,21 @@ class SlotMemory(nn.Module):
 
     def write(self, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
               ) -> tuple[Slots, torch.Tensor]:
-        """Write one item from a closed span's trace. Returns the new slots and (b,) write flags.
+        """`write_slots` for this one memory: slots (b, m, d), trace (b, d) -> new slots, (b,) flags."""
+        return write_slots(WriteRule(self.combine, self.neuromodulator, self.decay, self.budget),
+                           slots, trace, span, closes)
 
-        closes: (b,) bool, the rows whose span ends (None: all); other rows come back unchanged.
-        Decoding users at different span offsets write on most steps, so this runs once per
-        memory per byte: it is written for few tensor operations (one score product shared by the
-        prediction and the novelty, the row mask folded into the update), not for clarity alone.
-        """
-        key = F.normalize(trace.keys, dim=-1)
-        value = trace.values / span
-        scores = key[:, None] @ slots.keys.transpose(1, 2)  # (b, 1, m)
-        predicted = self.combine(scores, slots)[:, 0]
-        surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
-        used = slots.strengths > 0
-        novelty = 1.0 - scores[:, 0].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
-        fill = used.to(value.dtype).mean(dim=-1)
-        strength = self.neuromodulator(surprise, novelty, fill).to(value.dtype)
-        writes = strength > WRITE_THRESHOLD
-        decayed = slots.strengths * self.decay
-        if closes is not None:
-            writes = writes & closes
-            decayed = torch.where(closes[:, None], decayed, slots.strengths)
-        weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[:, None])
-        keys = torch.where(weakest[..., None], key[:, None], slots.keys)
-        values = torch.where(weakest[..., None], value[:, None], slots.values)
-        strengths = torch.where(weakest, strength[:, None], decayed)
-        scale = (self.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
-        if closes is not None:
-            scale = torch.where(closes[:, None], scale, 1.0)
-        return Slots(keys, values, strengths * scale), writes.long()
+    @classmethod
+    def stacked_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
+        """One write rule for like memories, so their writes run as one batched `write_slots`."""
+        raise NotImplementedError
+
+
+def _shared(memories: list[SlotMemory], name: str) -> float:
+    values = {getattr(memory, name) for memory in memories}
+    if len(values) != 1:
+        raise ValueError(f"memories written together must share {name}, got {sorted(values)}")
+    return values.pop()
 
 
 class ProceduralMemory(SlotMemory):
@@ -135,10 +283,15 @@ class ProceduralMemory(SlotMemory):
         self.gain = nn.Parameter(torch.tensor(0.5))
 
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
-        return (scores * slots.strengths[:, None, :]) @ slots.values
+        return strength_weighted_combine(scores, slots)
 
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.gain * self.retrieve(queries, slots)
+
+    @classmethod
+    def stacked_rule(cls, memories: list[SlotMemory]) -> WriteRule:
+        return WriteRule(strength_weighted_combine, stacked_neuromodulators([m.neuromodulator for m in memories]),
+                         _shared(memories, "decay"), _shared(memories, "budget"))
 
 
 class EpisodicMemory(SlotMemory):
@@ -157,115 +310,92 @@ class EpisodicMemory(SlotMemory):
         return F.normalize(self.query(hidden), dim=-1)
 
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
-        used = (slots.strengths > 0)[:, None, :].expand_as(scores)
-        # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
-        scores = scores.masked_fill(~used, -1e4)
-        top_scores, top_index = scores.topk(self.topk, dim=-1)
-        weights = torch.softmax(top_scores * self.log_temperature.exp(), dim=-1)
-        weights = weights * used.gather(-1, top_index)  # empty slots contribute nothing
-        dense = torch.zeros_like(scores).scatter(-1, top_index, weights)
-        return dense @ slots.values
+        return top_k_combine(scores, slots, self.topk, self.log_temperature.exp())
 
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.out(self.retrieve(queries, slots))
 
+    @classmethod
+    def stacked_rule(cls, memories: list[SlotMemory]) -> WriteRule:
+        sharpness = torch.stack([m.log_temperature for m in memories]).exp()[:, None, None, None]
+        combine = partial(top_k_combine, topk=_shared(memories, "topk"), sharpness=sharpness)
+        return WriteRule(combine, stacked_neuromodulators([m.neuromodulator for m in memories]),
+                         _shared(memories, "decay"), _shared(memories, "budget"))
+
 
 def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                   trace: Trace, segments: list[Segment], span: int, learn: bool
+                   trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True
                    ) -> tuple[torch.Tensor, Slots, Trace, torch.Tensor]:
     """Read `memory` at every position and write it at span ends.
 
     queries: (b, T, d) unit vectors, used both to read and as write keys; values: (b, T, d).
     Returns reads (b, T, d), the new slots and trace, and (b,) counts of writes made.
+    close_last=False leaves the last row's span ends to the caller (`close_spans`): nothing in
+    this call reads after them, so a model can write all its memories there in one batch.
 
-    Reads inside a segment see only the slots as they were at the segment's start, so the loop
-    below runs just the write recurrence, collecting those snapshots, and all reads are one
-    `memory.read` over (b * n_segments) rows of the span grid (`SpanGrid`). Without learning
-    the slots never change: one read over the whole sequence. Equal to
-    `run_over_spans_reference` up to rounding.
+    Reads inside a row of the plan see only the slots as they were at the row's start, so the
+    loop below runs just the write recurrence, collecting those snapshots, and all reads are one
+    `memory.read` over (b * S) rows of the grid. Without learning the slots never change: one
+    read over the whole sequence. Equal to `run_over_spans_reference` up to rounding.
     """
     writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     if not learn:
         return memory.read(queries, slots), slots, trace, writes
-    grid = SpanGrid.of(segments, queries.shape[1])
-    if grid is None:  # segments that do not tile a span grid (never from span_segments)
-        return run_over_spans_reference(memory, queries, values, slots, trace, segments, span, learn)
-    query_grid = grid.fold(queries)  # (b, S, P, d)
-    key_sums, value_sums = query_grid.sum(2), grid.fold(values).sum(2)  # (b, S, d) per segment
+    query_grid = plan.fold(queries)  # (b, S, P, d)
+    key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
     snapshots = []
-    for i, segment in enumerate(segments):
+    for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
-        trace = Trace(trace.keys + key_sums[:, i], trace.values + value_sums[:, i])
-        slots, trace, writes = _close_span(memory, slots, trace, writes, segment.closes_span, span)
+        trace = Trace(trace.keys + key_sums[:, row], trace.values + value_sums[:, row])
+        if close_last or row < plan.rows - 1:
+            slots, trace, writes = close_spans(memory, slots, trace, writes, closes, span)
     if len(snapshots) == 1:
         reads = memory.read(queries, snapshots[0])
     else:
         stacked = Slots(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*snapshots)))  # (b*S, m, ..)
-        reads = grid.unfold(memory.read(query_grid.flatten(0, 1), stacked).unflatten(0, query_grid.shape[:2]))
+        reads = plan.unfold(memory.read(query_grid.flatten(0, 1), stacked).unflatten(0, query_grid.shape[:2]))
     return reads, slots, trace, writes
 
 
-def _close_span(memory: SlotMemory, slots: Slots, trace: Trace, writes: torch.Tensor,
-                closes: bool | torch.Tensor, span: int) -> tuple[Slots, Trace, torch.Tensor]:
-    """Write from the trace and empty it where a span closes; `closes` False leaves all as they are."""
+def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writes: torch.Tensor,
+                closes: Closes, span: int) -> tuple[Slots, Trace, torch.Tensor]:
+    """Write from the trace and empty it where a span closes; `closes` False leaves all as they are.
+
+    `memory` may be a stacked `WriteRule` with slots and trace stacked along a leading dim; the
+    writes made are then summed over it into writes (b,).
+    """
     if closes is False:
         return slots, trace, writes
+    rule = memory if isinstance(memory, WriteRule) else WriteRule(memory.combine, memory.neuromodulator,
+                                                                  memory.decay, memory.budget)
+    written, wrote = write_slots(rule, slots, trace, span, None if closes is True else closes)
+    writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(0))
     if closes is True:
-        written, wrote = memory.write(slots, trace, span)
-        return written, Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values)), writes + wrote
-    # only the users whose span ends here
-    written, wrote = memory.write(slots, trace, span, closes)
-    keep = (~closes)[:, None].to(trace.keys.dtype)
-    return written, Trace(trace.keys * keep, trace.values * keep), writes + wrote
-
-
-class SpanGrid(NamedTuple):
-    """Segments laid out as rows of a (S, P) grid: the first right-aligned, the others left-aligned.
-
-    Valid when every segment but the first and the last is P long, which `span_segments` gives
-    (P = span, except for a call shorter than one span). `lead` and `tail` are the padding.
-    """
-
-    segments: int  # S
-    width: int  # P
-    lead: int
-    tail: int
-
-    @classmethod
-    def of(cls, segments: list[Segment], length: int) -> "SpanGrid | None":
-        sizes = [s.stop - s.start for s in segments]
-        width = max(sizes)
-        if any(size != width for size in sizes[1:-1]):
-            return None
-        lead = width - sizes[0]
-        return cls(len(sizes), width, lead, len(sizes) * width - lead - length)
-
-    def fold(self, x: torch.Tensor) -> torch.Tensor:
-        """x (b, T, ...) -> (b, S, P, ...), zeros in the padding."""
-        if self.lead or self.tail:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (self.lead, self.tail))
-        return x.unflatten(1, (self.segments, self.width))
-
-    def unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, S, P, ...) -> (b, T, ...), padding dropped."""
-        x = x.flatten(1, 2)
-        return x[:, self.lead:x.shape[1] - self.tail]
+        return written, Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values)), writes
+    keep = (~closes)[:, None].to(trace.keys.dtype)  # only the users whose span ends here
+    return written, Trace(trace.keys * keep, trace.values * keep), writes
 
 
 def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                             trace: Trace, segments: list[Segment], span: int, learn: bool
+                             trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True
                              ) -> tuple[torch.Tensor, Slots, Trace, torch.Tensor]:
-    """The readable loop `run_over_spans` must equal: read a segment, then write if it closes a span.
-
-    Same arguments and results as `run_over_spans`.
-    """
-    reads = []
-    writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
-    for segment in segments:
-        part = slice(segment.start, segment.stop)
-        reads.append(memory.read(queries[:, part], slots))
-        if learn:
-            trace = Trace(trace.keys + queries[:, part].sum(1), trace.values + values[:, part].sum(1))
-            slots, trace, writes = _close_span(memory, slots, trace, writes, segment.closes_span, span)
-    return torch.cat(reads, dim=1), slots, trace, writes
-
+    """The readable loop `run_over_spans` must equal: one user at a time, read a segment, then
+    write if it closes a span. Same arguments and results as `run_over_spans`."""
+    results = []
+    for user in range(queries.shape[0]):
+        row = slice(user, user + 1)
+        user_slots, user_trace = Slots(*(t[row] for t in slots)), Trace(*(t[row] for t in trace))
+        reads, writes = [], torch.zeros(1, dtype=torch.long, device=queries.device)
+        segments = plan.segments(user)
+        for index, segment in enumerate(segments):
+            part = slice(segment.start, segment.stop)
+            reads.append(memory.read(queries[row, part], user_slots))
+            if learn:
+                user_trace = Trace(user_trace.keys + queries[row, part].sum(1),
+                                   user_trace.values + values[row, part].sum(1))
+                if segment.closes_span and (close_last or index < plan.rows - 1):  # segment i is in row i
+                    user_slots, user_trace, writes = close_spans(memory, user_slots, user_trace, writes, True, span)
+        results.append((torch.cat(reads, dim=1), user_slots, user_trace, writes))
+    reads, slots, traces, writes = zip(*results)
+    return (torch.cat(reads), Slots(*map(torch.cat, zip(*slots))), Trace(*map(torch.cat, zip(*traces))),
+            torch.cat(writes))

@@ -15,7 +15,7 @@ import model.lm
 from model.config import preset
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.memory import (EpisodicMemory, ProceduralMemory, Segment, Slots, Trace, run_over_spans,
+from model.memory import (EpisodicMemory, ProceduralMemory, Slots, SpanPlan, Trace, close_spans, run_over_spans,
                           run_over_spans_reference, span_segments)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,55 +57,77 @@ def assert_same_results(fast, reference):
 def test_batched_span_reads_equal_the_reference_loop(kind, learn, phase, length):
     memory = make_memory(kind, seed=length + phase)
     queries, values, slots, trace = random_inputs(length, seed=100 * phase + length)
-    segments = span_segments(phase, length, SPAN)
-    fast = run_over_spans(memory, queries, values, slots, trace, segments, SPAN, learn)
-    reference = run_over_spans_reference(memory, queries, values, slots, trace, segments, SPAN, learn)
+    plan = SpanPlan.of([phase] * BATCH, length, SPAN)
+    fast = run_over_spans(memory, queries, values, slots, trace, plan, SPAN, learn)
+    reference = run_over_spans_reference(memory, queries, values, slots, trace, plan, SPAN, learn)
     assert_same_results(fast, reference)
     if learn and kind == "em" and (phase, length) == (0, 37):  # four spans close: some write, some skip
         assert 0 < int(fast[3].sum()) < 4 * BATCH
 
 
 @pytest.mark.parametrize("kind", ["pm", "em"])
-def test_users_at_different_span_offsets_write_only_where_their_span_ends(kind):
+@pytest.mark.parametrize("close_last", [True, False])
+@pytest.mark.parametrize("phases, length", [([0, 3, 7], 1), ([7, 7, 2], 1), ([1, 4, 6], 2), ([6, 7, 0], 3),
+                                            ([0, 5, 7], 6), ([2, 6, 3], 11), ([0, 1, 7], 37), ([5, 5, 6], 9)])
+def test_users_at_different_span_offsets_equal_the_reference_loop(kind, close_last, phases, length):
+    memory = make_memory(kind, seed=length + sum(phases))
+    queries, values, slots, trace = random_inputs(length, seed=length * 10 + phases[1])
+    plan = SpanPlan.of(phases, length, SPAN)
+    fast = run_over_spans(memory, queries, values, slots, trace, plan, SPAN, True, close_last)
+    assert_same_results(fast, run_over_spans_reference(memory, queries, values, slots, trace, plan, SPAN, True,
+                                                       close_last))
+
+
+@pytest.mark.parametrize("phases, length", [([0, 3, 7], 1), ([3, 3], 5), ([7, 0], 2), ([6, 7, 0], 3),
+                                            ([2, 6, 3], 11), ([0, 1, 7], 37), ([4], 64)])
+def test_a_span_plan_cuts_each_user_where_its_own_spans_end(phases, length):
+    plan = SpanPlan.of(phases, length, SPAN)
+    for user, phase in enumerate(phases):
+        assert plan.segments(user) == span_segments(phase, length, SPAN)
+    x = torch.arange(len(phases) * length, dtype=torch.float64).reshape(len(phases), length, 1)
+    grid = plan.fold(x)
+    assert grid.shape[:3] == (len(phases), plan.rows, plan.width)
+    assert torch.equal(plan.unfold(grid), x)  # each byte has its own cell
+
+
+@pytest.mark.parametrize("kind", ["pm", "em"])
+def test_one_byte_with_a_device_mask_writes_only_where_the_span_ends(kind):
     memory = make_memory(kind, seed=7)
     queries, values, slots, trace = random_inputs(1, seed=7)
-    closes = torch.tensor([True, False, True])
-    segments = [Segment(0, 1, closes_span=closes)]
-    fast = run_over_spans(memory, queries, values, slots, trace, segments, SPAN, True)
-    assert_same_results(fast, run_over_spans_reference(memory, queries, values, slots, trace, segments, SPAN, True))
+    plan = SpanPlan.one_byte(torch.tensor([True, False, True]), BATCH)
+    fast = run_over_spans(memory, queries, values, slots, trace, plan, SPAN, True)
+    assert_same_results(fast, run_over_spans_reference(memory, queries, values, slots, trace, plan, SPAN, True))
     torch.testing.assert_close(fast[2].keys[1], trace.keys[1] + queries[1, 0])  # row 1 keeps its trace
     assert torch.equal(fast[1].keys[1], slots.keys[1])
 
 
 @pytest.mark.parametrize("kind", ["pm", "em"])
-def test_per_row_closes_inside_a_longer_grid_equal_the_reference(kind):
-    """A (b,) mask in the first segment of several: snapshots taken after a partial write."""
-    memory = make_memory(kind, seed=11)
-    queries, values, slots, trace = random_inputs(3 + 2 * SPAN + 4, seed=11)
-    segments = [Segment(0, 3, torch.tensor([False, True, True])), Segment(3, 3 + SPAN, True),
-                Segment(3 + SPAN, 3 + 2 * SPAN, True), Segment(3 + 2 * SPAN, 3 + 2 * SPAN + 4, False)]
-    fast = run_over_spans(memory, queries, values, slots, trace, segments, SPAN, True)
-    assert_same_results(fast, run_over_spans_reference(memory, queries, values, slots, trace, segments, SPAN, True))
-
-
-def test_segments_that_do_not_tile_a_grid_fall_back_to_the_reference():
-    memory = make_memory("em", seed=3)
-    queries, values, slots, trace = random_inputs(14, seed=3)
-    segments = [Segment(0, 2, False), Segment(2, 5, True), Segment(5, 13, True), Segment(13, 14, False)]
-    fast = run_over_spans(memory, queries, values, slots, trace, segments, SPAN, True)
-    assert_same_results(fast, run_over_spans_reference(memory, queries, values, slots, trace, segments, SPAN, True))
+def test_a_stacked_write_equals_writing_each_memory_alone(kind):
+    """The model closes all its PM (or EM) spans at a call's end in one write over stacked slots."""
+    memories = [make_memory(kind, seed=seed) for seed in (1, 2, 3)]
+    inputs = [random_inputs(1, seed=seed) for seed in (4, 5, 6)]
+    closes = torch.tensor([True, False, True])
+    writes = torch.zeros(BATCH, dtype=torch.long)
+    alone = [close_spans(m, slots, trace, writes, closes, SPAN) for m, (_, _, slots, trace) in zip(memories, inputs)]
+    stacked = close_spans(type(memories[0]).stacked_rule(memories),
+                          Slots(*(torch.stack(parts) for parts in zip(*(i[2] for i in inputs)))),
+                          Trace(*(torch.stack(parts) for parts in zip(*(i[3] for i in inputs)))), writes, closes, SPAN)
+    for index, (slots, trace, _) in enumerate(alone):
+        for got, want in zip((*stacked[0], *stacked[1]), (*slots, *trace)):
+            torch.testing.assert_close(got[index], want, rtol=1e-9, atol=1e-9)
+    assert torch.equal(stacked[2], sum(result[2] for result in alone))
 
 
 @pytest.mark.parametrize("kind", ["pm", "em"])
 def test_batched_span_reads_have_the_reference_gradients(kind):
     memory = make_memory(kind, seed=5)
     inputs = random_inputs(2 * SPAN + 3, seed=5)
-    segments = span_segments(4, 2 * SPAN + 3, SPAN)
+    plan = SpanPlan.of([4, 1, 4], 2 * SPAN + 3, SPAN)
     grads = []
     for run in (run_over_spans, run_over_spans_reference):
         queries, values = (t.clone().requires_grad_() for t in inputs[:2])
         memory.zero_grad()
-        reads, slots, trace, _ = run(memory, queries, values, inputs[2], inputs[3], segments, SPAN, True)
+        reads, slots, trace, _ = run(memory, queries, values, inputs[2], inputs[3], plan, SPAN, True)
         (reads.square().sum() + slots.values.sum() + slots.strengths.sum() + trace.values.sum()).backward()
         grads.append([queries.grad, values.grad] + [p.grad.clone() for p in memory.parameters() if p.grad is not None])
     for got, want in zip(*grads, strict=True):
