@@ -73,8 +73,8 @@ class SpanPlan:
     width: int  # P
     leads: tuple[int, ...]
     closes: tuple[Closes, ...]  # one per row
-    _fold_index: torch.Tensor | None = None  # (b, S*P) source position, T = a zero row
-    _unfold_index: torch.Tensor | None = None  # (b, T) grid position of each byte
+    _fold_index: torch.Tensor | None = None  # (b*S*P,) row of the padded, flattened input; T = zeros
+    _unfold_index: torch.Tensor | None = None  # (b*T,) row of the flattened grid holding each byte
 
     @classmethod
     def of(cls, phases: list[int], length: int, span: int, device: torch.device | str = "cpu") -> "SpanPlan":
@@ -91,10 +91,13 @@ class SpanPlan:
                                   for segments in per_user], device) for s in range(rows))
         if len(set(leads)) == 1:
             return cls(length, width, leads, closes)
+        # Row-wise copies through index_select on flattened tensors: much faster than a gather.
+        users = torch.arange(len(phases), device=device)[:, None]
         lead = torch.tensor(leads, device=device)[:, None]
         source = torch.arange(rows * width, device=device) - lead
-        fold_index = torch.where((source >= 0) & (source < length), source, length)
-        return cls(length, width, leads, closes, fold_index, torch.arange(length, device=device) + lead)
+        fold_index = torch.where((source >= 0) & (source < length), source, length) + users * (length + 1)
+        unfold_index = torch.arange(length, device=device) + lead + users * (rows * width)
+        return cls(length, width, leads, closes, fold_index.flatten(), unfold_index.flatten())
 
     @classmethod
     def one_byte(cls, closes: Closes, batch: int) -> "SpanPlan":
@@ -113,7 +116,7 @@ class SpanPlan:
             if lead or tail:
                 x = F.pad(x, (0, 0, lead, tail))
         else:
-            x = F.pad(x, (0, 0, 0, 1)).gather(1, self._fold_index[..., None].expand(-1, -1, x.shape[-1]))
+            x = F.pad(x, (0, 0, 0, 1)).flatten(0, 1).index_select(0, self._fold_index).unflatten(0, (x.shape[0], -1))
         return x.unflatten(1, (self.rows, self.width))
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ class SpanPlan:
         x = x.flatten(1, 2)
         if self._unfold_index is None:
             return x[:, self.leads[0]:self.leads[0] + self.length]
-        return x.gather(1, self._unfold_index[..., None].expand(-1, -1, x.shape[-1]))
+        return x.flatten(0, 1).index_select(0, self._unfold_index).unflatten(0, (x.shape[0], self.length))
 
     def segments(self, user: int) -> list[Segment]:
         """User `user`'s bytes cut where its spans end (what `span_segments` gives for its phase)."""
