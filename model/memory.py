@@ -344,8 +344,11 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     if not learn:
         return memory.read(queries, slots), slots, trace, writes
-    query_grid = plan.fold(queries)  # (b, S, P, d)
-    key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
+    query_grid, value_grid = plan.fold(queries), plan.fold(values)  # (b, S, P, d)
+    if plan.width == 1:  # one byte per row (decoding): the sums are the bytes themselves
+        key_sums, value_sums = query_grid[:, :, 0], value_grid[:, :, 0]
+    else:
+        key_sums, value_sums = query_grid.sum(2), value_grid.sum(2)  # (b, S, d) per row
     snapshots = []
     for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
