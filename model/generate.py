@@ -43,33 +43,42 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
 def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bool
              ) -> tuple[torch.Tensor, FastState, list[float]]:
-    """Read equally long prompts together (users may be at any span phase), in chunks of max_seq_len.
+    """Read the prompts together, right-padded to the longest, in chunks of max_seq_len; every
+    prompt must have bytes in every chunk (`_prefill_groups`). Users may be at any span phase.
 
     -> last logits (b, 256), state, each prompt's surprise in bits/byte.
     """
     device = state.pos.device
-    tokens = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    tokens = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+    users = torch.arange(len(prompts), device=device)
     nll = torch.zeros(len(prompts), dtype=torch.float64, device=device)
-    counted, logits = 0, None
-    for start in range(0, tokens.shape[1], model.config.max_seq_len):
+    counted = torch.zeros(len(prompts), dtype=torch.float64, device=device)
+    logits = None
+    for start in range(0, width, model.config.max_seq_len):
         chunk = tokens[:, start:start + model.config.max_seq_len]
         if logits is not None:  # the previous chunk's last position predicts this chunk's first byte
             nll -= torch.log_softmax(logits.float(), -1).gather(-1, chunk[:, :1])[:, 0].double()
             counted += 1
-        out, state = model(chunk, state, learn=learn)
-        log_probs = torch.log_softmax(out[:, :-1].float(), dim=-1)
-        nll -= log_probs.gather(-1, chunk[:, 1:, None]).sum((1, 2)).double()
-        counted += chunk.shape[1] - 1
-        logits = out[:, -1]
-    surprise = (nll / counted / math.log(2)).tolist() if counted else [0.0] * len(prompts)
+        chunk_lengths = [min(n - start, chunk.shape[1]) for n in lengths]
+        out, state = model(chunk, state, learn=learn, lengths=chunk_lengths)
+        own = torch.tensor(chunk_lengths, device=device)
+        predicted = torch.arange(chunk.shape[1] - 1, device=device) < (own - 1)[:, None]  # targets that are bytes
+        log_probs = torch.log_softmax(out[:, :-1].float(), dim=-1).gather(-1, chunk[:, 1:, None])[..., 0]
+        nll -= (log_probs.double() * predicted).sum(1)  # in float64: padding must not change the rounding
+        counted += own - 1
+        logits = out[users, own - 1]
+    surprise = torch.where(counted > 0, nll / counted.clamp(min=1) / math.log(2), 0.0).tolist()
     return logits, state, surprise
 
 
-def _prefill_groups(prompts: list[bytes]) -> list[list[int]]:
-    """Users whose prompts can be read in one batch: those of the same length."""
+def _prefill_groups(prompts: list[bytes], max_seq_len: int) -> list[list[int]]:
+    """Users whose prompts can be read in one batch: all that fit one chunk of max_seq_len bytes
+    (right-padded to the longest), and longer ones of equal length."""
     groups: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(len(prompt), []).append(i)
+        groups.setdefault(0 if len(prompt) <= max_seq_len else len(prompt), []).append(i)
     return list(groups.values())
 
 
@@ -88,7 +97,7 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
     rows: list[FastState | None] = [None] * len(prompts)
     last_logits: list[torch.Tensor | None] = [None] * len(prompts)
     surprises = [0.0] * len(prompts)
-    for group in _prefill_groups(prompts):
+    for group in _prefill_groups(prompts, model.config.max_seq_len):
         logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
         for j, i in enumerate(group):
             rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]

@@ -39,14 +39,16 @@ class AffineScan(nn.Module):
         z = gate_pre + self.gate_bias
         return torch.sigmoid(z) if self.gate_form == "sigmoid" else torch.exp(-F.softplus(z))
 
-    def forward(self, u: torch.Tensor, carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (b, T, d), carry: (b, d) -> y: (b, T, d), new carry (b, d), both in float32 or wider."""
+    def forward(self, u: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (b, T, d), carry: (b, d) -> y: (b, T, d), new carry (b, d), both in float32 or wider.
+        last: (b,) each user's last position when right-padded (None: T - 1 for all)."""
         gate_pre, x, out_gate = self.in_proj(u).chunk(3, dim=-1)
         wide = float32_or_wider(u)
         a = self.retention(gate_pre.to(wide))
         h = affine_scan(a, (1.0 - a) * x.to(wide), carry.to(wide))
         y = self.out_proj((h.to(u.dtype)) * F.silu(out_gate))
-        return y, h[:, -1]
+        return y, h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
 
 
 class DenseFeedForward(nn.Module):
@@ -98,10 +100,12 @@ class WorkingMemory(nn.Module):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (b, T, d) -> (b, h, T, d/h)
 
     def forward(self, u: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                cache_pos: torch.Tensor, pos: torch.Tensor, fresh: bool
+                cache_pos: torch.Tensor, pos: torch.Tensor, fresh: bool, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """u: (b, T, d); cache_k/v: (b, W, d); cache_pos: (b, W) absolute positions (-1 empty);
-        pos: (b,) position of u[:, 0]; fresh: every row starts at position 0 with an empty cache.
+        pos: (b,) position of u[:, 0]; fresh: every row starts at position 0 with an empty cache;
+        lengths: (b,) each user's bytes when right-padded (None: T each). Padding comes after a
+        user's bytes, so causal attention never lets them see it; only the cache must skip it.
         Returns the output (b, T, d) and the updated cache."""
         length = u.shape[1]
         q, k, v = self.qkv(u).chunk(3, dim=-1)
@@ -120,6 +124,8 @@ class WorkingMemory(nn.Module):
                                                   attn_mask=mask)
         out = self.out(attended.transpose(1, 2).flatten(-2))
 
+        if lengths is not None:
+            return (out, *self._cache_last_window(k, v, cache_k, cache_v, cache_pos, pos, lengths))
         keep = min(length, self.window)
         slot = (query_pos[:, -keep:] % self.window)
         index = slot[..., None].expand(-1, -1, k.shape[-1])
@@ -127,6 +133,24 @@ class WorkingMemory(nn.Module):
         cache_v = cache_v.scatter(1, index, v[:, -keep:].to(cache_v.dtype))
         cache_pos = cache_pos.scatter(1, slot, query_pos[:, -keep:])
         return out, cache_k, cache_v, cache_pos
+
+    def _cache_last_window(self, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           cache_pos: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring buffer after each user's own last W positions: every slot is rewritten once,
+        from this call's keys where the position is the user's, else from the slot's old entry."""
+        offset = lengths[:, None] - self.window + torch.arange(self.window, device=k.device)  # (b, W) in this call
+        ours = offset >= 0
+        slot = (pos[:, None] + offset) % self.window  # W consecutive positions: each slot once
+        source = offset.clamp(min=0)[..., None].expand(-1, -1, k.shape[-1])
+        index = slot[..., None].expand(-1, -1, k.shape[-1])
+
+        def refill(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            entries = torch.where(ours[..., None], new.gather(1, source).to(cache.dtype), cache.gather(1, index))
+            return cache.scatter(1, index, entries)
+
+        positions = torch.where(ours, pos[:, None] + offset, cache_pos.gather(1, slot))
+        return refill(cache_k, k), refill(cache_v, v), cache_pos.scatter(1, slot, positions)
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

@@ -49,11 +49,12 @@ class Layer(nn.Module):
         self.ff = feed_forward(config)
         self.span = config.span
 
-    def forward(self, x: torch.Tensor, state: LayerState, plan: SpanPlan, learn: bool
-                ) -> tuple[torch.Tensor, LayerState]:
-        """The span ends of the plan's last row are left to `ReverieLM._close_last_spans`."""
+    def forward(self, x: torch.Tensor, state: LayerState, plan: SpanPlan, learn: bool,
+                last: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
+        """The span ends of the plan's last row are left to `ReverieLM._close_last_spans`.
+        last: (b,) each user's last position in a right-padded batch (None: all T - 1)."""
         u = self.mix_norm(x)
-        y, carry = self.mixer(u, state.carry)
+        y, carry = self.mixer(u, state.carry, last)
         with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
             wide = float32_or_wider(u)
             queries = F.normalize(u.to(wide), dim=-1)
@@ -139,11 +140,14 @@ class ReverieLM(nn.Module):
                 raise ValueError(f"tokens must be byte values 0..255, got range [{low}, {high}]")
 
     def forward(self, tokens: torch.Tensor, state: FastState | None = None, *, learn: bool = True,
-                active_layers: int | None = None) -> tuple[torch.Tensor, FastState]:
+                active_layers: int | None = None, lengths: list[int] | None = None
+                ) -> tuple[torch.Tensor, FastState]:
         """tokens: (b, T) bytes; state: FastState for b users (None = empty).
 
         learn=False reads fast memory but writes none. active_layers < n_layers exits early
-        through the shared head; skipped layers and memories keep their state.
+        through the shared head; skipped layers and memories keep their state. lengths: each
+        user's bytes when users of different lengths come right-padded to T (None: T each); each
+        user's state then moves by its own bytes only, and its logits past them are padding.
         Returns logits (b, T, 256) and the new FastState.
         """
         self._check_tokens(tokens)
@@ -163,17 +167,24 @@ class ReverieLM(nn.Module):
         active = self.config.n_layers if active_layers is None else active_layers
         if not 1 <= active <= self.config.n_layers:
             raise ValueError(f"active_layers must be in 1..{self.config.n_layers}, got {active}")
-        plan = SpanPlan.of(phases, length, span, tokens.device)
-        logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions))
+        if lengths is not None and (len(lengths) != batch or any(not 1 <= n <= length for n in lengths)):
+            raise ValueError(f"lengths must give each of the {batch} users 1..{length} bytes, got {lengths}")
+        if lengths is not None and min(lengths) == length:
+            lengths = None
+        plan = SpanPlan.of(phases, length, span, tokens.device, lengths)
+        own = None if lengths is None else torch.tensor(lengths, device=tokens.device)
+        logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions), lengths=own)
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
     def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
-             plan: SpanPlan, fresh: bool) -> tuple[torch.Tensor, FastState]:
+             plan: SpanPlan, fresh: bool, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, FastState]:
         """The network over tokens (b, T) from `state`, with no host syncs (CUDA-graph capturable
-        for fixed arguments). fresh: every user is at position 0 with empty working memory."""
+        for fixed arguments). fresh: every user is at position 0 with empty working memory.
+        lengths: (b,) each user's bytes of a right-padded batch (None: T each)."""
+        last = None if lengths is None else lengths - 1
         writes = state.writes
         x = self.embed(tokens)
         rows: dict[str, list[torch.Tensor | None]] = {name: [] for name in LAYER_FIELDS + BLOCK_FIELDS}
@@ -186,7 +197,7 @@ class ReverieLM(nn.Module):
                 given = LayerState(state.scan_h[:, index],
                                    Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
                                    Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
-                x, returned = layer(x, given, plan, learn)
+                x, returned = layer(x, given, plan, learn, last)
                 writes = returned.writes
                 _collect(rows, LAYER_FIELDS, (given.carry, *given.slots, *given.trace),
                          (returned.carry, *returned.slots, *returned.trace))
@@ -198,7 +209,7 @@ class ReverieLM(nn.Module):
                 writes = writes + em_writes
                 _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*new_slots, *new_trace))
                 if b == 0:
-                    out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh)
+                    out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh, lengths)
                     x = x + out
                 continue
             break
@@ -209,7 +220,8 @@ class ReverieLM(nn.Module):
         for name, replaced in rows.items():
             new[name] = _replace_rows(new[name], replaced)
         new["wm_k"], new["wm_v"], new["wm_pos"] = wm
-        new["pos"], new["writes"] = state.pos + tokens.shape[1], writes
+        new["pos"] = state.pos + (tokens.shape[1] if lengths is None else lengths)
+        new["writes"] = writes
         return logits, FastState(**new)
 
     def _close_last_spans(self, new: dict[str, torch.Tensor], rows: dict[str, list[torch.Tensor | None]],

@@ -66,43 +66,52 @@ class SpanPlan:
     for every user, whatever their offset inside a span: reads of a row see the slots as they were
     at the row's start, and `closes[s]` says whose span ends with row s. Every row but the first
     and the last holds a whole span. When all users share an offset (training, or users served in
-    step), folding into the grid is a reshape; otherwise a gather through `_fold_index`.
+    step), folding into the grid is a reshape; otherwise a gather through `_fold_index`. Users may
+    bring fewer bytes than T (prompts of different lengths, right-padded): their bytes past their
+    own length fold to zeros, so they add nothing to a trace and end no span.
     """
 
     length: int  # T
     width: int  # P
     leads: tuple[int, ...]
     closes: tuple[Closes, ...]  # one per row
+    lengths: tuple[int, ...]  # each user's bytes (<= T; the rest of its row is padding)
     _fold_index: torch.Tensor | None = None  # (b*S*P,) row of the padded, flattened input; T = zeros
     _unfold_index: torch.Tensor | None = None  # (b*T,) row of the flattened grid holding each byte
 
     @classmethod
-    def of(cls, phases: list[int], length: int, span: int, device: torch.device | str = "cpu") -> "SpanPlan":
-        """The plan for users at `phases` (bytes already in their current span) reading `length` bytes."""
-        if not phases or length < 1 or any(not 0 <= phase < span for phase in phases):
-            raise ValueError(f"a span plan needs >= 1 user at phases in [0, {span}) and length >= 1, "
-                             f"got phases {phases} and length {length}")
-        per_user = [span_segments(phase, length, span) for phase in phases]
+    def of(cls, phases: list[int], length: int, span: int, device: torch.device | str = "cpu",
+           lengths: list[int] | None = None) -> "SpanPlan":
+        """The plan for users at `phases` (bytes already in their current span) reading `length`
+        bytes each, or `lengths[i]` bytes of a `length`-long right-padded batch."""
+        lengths = [length] * len(phases) if lengths is None else list(lengths)
+        if (not phases or length < 1 or any(not 0 <= phase < span for phase in phases)
+                or len(lengths) != len(phases) or any(not 1 <= n <= length for n in lengths)):
+            raise ValueError(f"a span plan needs >= 1 user at phases in [0, {span}) and lengths in [1, {length}], "
+                             f"got phases {phases} and lengths {lengths}")
+        per_user = [span_segments(phase, n, span) for phase, n in zip(phases, lengths)]
         rows = max(len(segments) for segments in per_user)
         sizes = [segment.stop - segment.start for segments in per_user for segment in segments]
         width = span if any(len(segments) > 2 for segments in per_user) else max(sizes)
         leads = tuple(width - (segments[0].stop - segments[0].start) for segments in per_user)
         closes = tuple(_collapse([segments[s].closes_span if s < len(segments) else False
                                   for segments in per_user], device) for s in range(rows))
-        if len(set(leads)) == 1:
-            return cls(length, width, leads, closes)
+        if len(set(leads)) == 1 and min(lengths) == length:
+            return cls(length, width, leads, closes, tuple(lengths))
         # Row-wise copies through index_select on flattened tensors: much faster than a gather.
         users = torch.arange(len(phases), device=device)[:, None]
         lead = torch.tensor(leads, device=device)[:, None]
         source = torch.arange(rows * width, device=device) - lead
-        fold_index = torch.where((source >= 0) & (source < length), source, length) + users * (length + 1)
-        unfold_index = torch.arange(length, device=device) + lead + users * (rows * width)
-        return cls(length, width, leads, closes, fold_index.flatten(), unfold_index.flatten())
+        own = torch.tensor(lengths, device=device)[:, None]
+        fold_index = torch.where((source >= 0) & (source < own), source, length) + users * (length + 1)
+        cell = (torch.arange(length, device=device) + lead).clamp(max=rows * width - 1)  # padding: any cell
+        return cls(length, width, leads, closes, tuple(lengths), fold_index.flatten(),
+                   (cell + users * (rows * width)).flatten())
 
     @classmethod
     def one_byte(cls, closes: Closes, batch: int) -> "SpanPlan":
         """One byte per user with whose span it ends given, e.g. as a mask computed on the device."""
-        return cls(1, 1, (0,) * batch, (closes,))
+        return cls(1, 1, (0,) * batch, (closes,), (1,) * batch)
 
     @property
     def rows(self) -> int:
@@ -120,7 +129,7 @@ class SpanPlan:
         return x.unflatten(1, (self.rows, self.width))
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, S, P, d) -> (b, T, d), padding dropped."""
+        """(b, S, P, d) -> (b, T, d), padding dropped (a user's positions past its length: any value)."""
         x = x.flatten(1, 2)
         if self._unfold_index is None:
             return x[:, self.leads[0]:self.leads[0] + self.length]
@@ -131,7 +140,7 @@ class SpanPlan:
         cut = []
         for row, closes in enumerate(self.closes):
             start = max(0, row * self.width - self.leads[user])
-            stop = min(self.length, (row + 1) * self.width - self.leads[user])
+            stop = min(self.lengths[user], (row + 1) * self.width - self.leads[user])
             if start < stop:
                 cut.append(Segment(start, stop, closes if isinstance(closes, bool) else bool(closes[user])))
         return cut
@@ -401,7 +410,8 @@ def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: 
                                    user_trace.values + values[row, part].sum(1))
                 if segment.closes_span and (close_last or index < plan.rows - 1):  # segment i is in row i
                     user_slots, user_trace, writes = close_spans(memory, user_slots, user_trace, writes, True, span)
-        results.append((torch.cat(reads, dim=1), user_slots, user_trace, writes))
+        user_reads = torch.cat(reads, dim=1)  # zeros past the user's length, where `run_over_spans` has any value
+        results.append((F.pad(user_reads, (0, 0, 0, plan.length - user_reads.shape[1])), user_slots, user_trace, writes))
     reads, slots, traces, writes = zip(*results)
     return (torch.cat(reads), Slots(*map(torch.cat, zip(*slots))), Trace(*map(torch.cat, zip(*traces))),
             torch.cat(writes))

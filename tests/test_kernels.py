@@ -78,12 +78,31 @@ def test_users_at_different_span_offsets_equal_the_reference_loop(kind, close_la
                                                        close_last))
 
 
+@pytest.mark.parametrize("kind", ["pm", "em"])
+@pytest.mark.parametrize("learn", [True, False])
+@pytest.mark.parametrize("phases, lengths", [([0, 0, 0], [5, 37, 1]), ([3, 7, 1], [9, 2, 30]), ([5, 5, 5], [8, 8, 3])])
+def test_users_of_different_lengths_equal_the_reference_loop(kind, learn, phases, lengths):
+    """A right-padded batch: each user's bytes past its own length neither add to its trace nor end a span."""
+    memory = make_memory(kind, seed=sum(lengths))
+    queries, values, slots, trace = random_inputs(max(lengths), seed=sum(phases) + 3)
+    plan = SpanPlan.of(phases, max(lengths), SPAN, lengths=lengths)
+    fast = run_over_spans(memory, queries, values, slots, trace, plan, SPAN, learn)
+    reference = run_over_spans_reference(memory, queries, values, slots, trace, plan, SPAN, learn)
+    for user, n in enumerate(lengths):  # reads past a user's length are padding
+        torch.testing.assert_close(fast[0][user, :n], reference[0][user, :n], rtol=1e-9, atol=1e-9)
+    assert_same_results((reference[0], *fast[1:]), reference)
+
+
 @pytest.mark.parametrize("phases, length", [([0, 3, 7], 1), ([3, 3], 5), ([7, 0], 2), ([6, 7, 0], 3),
                                             ([2, 6, 3], 11), ([0, 1, 7], 37), ([4], 64)])
 def test_a_span_plan_cuts_each_user_where_its_own_spans_end(phases, length):
     plan = SpanPlan.of(phases, length, SPAN)
     for user, phase in enumerate(phases):
         assert plan.segments(user) == span_segments(phase, length, SPAN)
+    shorter = [max(1, length - 3 * user) for user in range(len(phases))]
+    padded = SpanPlan.of(phases, length, SPAN, lengths=shorter)
+    for user, phase in enumerate(phases):
+        assert padded.segments(user) == span_segments(phase, shorter[user], SPAN)
     x = torch.arange(len(phases) * length, dtype=torch.float64).reshape(len(phases), length, 1)
     grid = plan.fold(x)
     assert grid.shape[:3] == (len(phases), plan.rows, plan.width)

@@ -117,30 +117,41 @@ def assert_each_alone_gives_the_same(model: ReverieLM, prompts: list[bytes], sta
 
 
 def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
-    """Equal-length prompts at the same span phase are prefilled as one batch; the third is not."""
-    prompts = [bytes(random_bytes(1, 2 * TINY.span + 3, seed=s)[0].tolist()) for s in (5, 6)]
-    prompts.append(b"short")
-    config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0)
-    empty = FastState.empty(TINY, 3, dtype=torch.float64)
-    together, state = generate_batch(tiny_model_f64, prompts, empty, config)
-    assert_each_alone_gives_the_same(tiny_model_f64, prompts, empty, config, together, state)
-
-
-def test_reading_without_learning_batches_users_at_any_span_phase(tiny_model_f64):
-    """learn=False writes nothing, so users at different span phases are read in one batch and
-    give what each gives alone."""
+    """Prompts of any lengths, of users at any span phases, are prefilled as one right-padded
+    batch (and decoded as one), and each user gets what it gets alone."""
     empty = FastState.empty(TINY, 1, dtype=torch.float64)
-    state = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty, learn=True)[1] for n in (5, 11, 16)])
-    prompts = [bytes(random_bytes(1, 2 * TINY.span + 3, seed=s)[0].tolist()) for s in (7, 8, 9)]
-    config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0, learn=False)
-    batch_sizes: list[int] = []
-    hook = tiny_model_f64.embed.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    try:
-        together, after = generate_batch(tiny_model_f64, prompts, state, config)
-    finally:
-        hook.remove()
-    assert set(batch_sizes) == {3}  # the prompts and every decoding step: all three users at once
-    assert_each_alone_gives_the_same(tiny_model_f64, prompts, state, config, together, after)
+    states = [tiny_model_f64(random_bytes(1, n, seed=n), empty, learn=True)[1] for n in (5, 11, 16, 40)]
+    state = FastState.cat([empty] + states)
+    prompts = [bytes(random_bytes(1, n, seed=n)[0].tolist()) for n in (2 * TINY.span + 3, 1, 7, TINY.span, 45)]
+    for learn in (True, False):
+        config = GenerationConfig(max_new_bytes=TINY.span, temperature=0.0, learn=learn)
+        batch_sizes: list[int] = []
+        hook = tiny_model_f64.embed.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+        try:
+            together, after = generate_batch(tiny_model_f64, prompts, state, config)
+        finally:
+            hook.remove()
+        assert set(batch_sizes) == {5}  # the prompts and every decoding step: all five users at once
+        assert_each_alone_gives_the_same(tiny_model_f64, prompts, state, config, together, after)
+
+
+def test_a_right_padded_batch_moves_each_user_by_its_own_bytes(tiny_model_f64):
+    """forward(lengths=...): logits and next state of each user equal its unpadded forward alone,
+    past the working-memory window and short of it, learning or not."""
+    empty = FastState.empty(TINY, 1, dtype=torch.float64)
+    start = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty)[1] for n in (3, 20, 50)])
+    lengths = [1, TINY.window + 5, 17]
+    tokens = random_bytes(3, max(lengths), seed=9)
+    for learn in (True, False):
+        logits, after = tiny_model_f64(tokens, start, learn=learn, lengths=lengths)
+        for i, n in enumerate(lengths):
+            alone_logits, alone = tiny_model_f64(tokens[i:i + 1, :n], start.rows(slice(i, i + 1)), learn=learn)
+            torch.testing.assert_close(logits[i:i + 1, :n], alone_logits, rtol=1e-9, atol=1e-9)
+            for name, tensor in alone.tensors().items():
+                torch.testing.assert_close(after.rows(slice(i, i + 1)).tensors()[name], tensor, rtol=1e-9,
+                                           atol=1e-9, msg=name)
+    with pytest.raises(ValueError, match="lengths"):
+        tiny_model_f64(tokens, start, lengths=[0, 3, 4])
 
 
 # --- fast memory --------------------------------------------------------------------------------
