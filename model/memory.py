@@ -16,8 +16,7 @@ their spans (`SpanPlan` lines their spans up). `run_over_spans_reference` is the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -176,24 +175,16 @@ class EMNeuromodulator(Neuromodulator):
     """One per episodic-memory instance (per block)."""
 
 
-def stacked_neuromodulators(modules: list[Neuromodulator]) -> Callable[..., torch.Tensor]:
-    """Several neuromodulators as one function of (n, b) inputs, instance i using modules[i]."""
-    w1, b1, w2, b2 = (torch.stack([module.net[k].weight if kind == "w" else module.net[k].bias for module in modules])
-                      for k, kind in ((0, "w"), (0, "b"), (2, "w"), (2, "b")))
-
-    def strength(surprise: torch.Tensor, novelty: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        features = torch.stack([surprise, novelty, fill], dim=-1).to(w1.dtype)  # (n, b, 3)
-        hidden = F.silu(torch.baddbmm(b1[:, None], features, w1.transpose(1, 2)))
-        return torch.sigmoid(torch.baddbmm(b2[:, None], hidden, w2.transpose(1, 2))).squeeze(-1)
-
-    return strength
-
-
 class WriteRule(NamedTuple):
-    """What a write needs from a memory, or from a stack of like memories (instance dim first)."""
+    """What a write needs from one memory or a stack of like memories, as tensors and constants
+    only, so that `write_slots` can run compiled (`compile_writes`). Instance dim first."""
 
-    combine: Callable[[torch.Tensor, Slots], torch.Tensor]
-    neuromodulator: Callable[..., torch.Tensor]
+    w1: torch.Tensor  # (n, hidden, 3): the neuromodulators' layers, stacked
+    b1: torch.Tensor  # (n, hidden)
+    w2: torch.Tensor  # (n, 1, hidden)
+    b2: torch.Tensor  # (n, 1)
+    sharpness: torch.Tensor | None  # (n, 1, 1, 1): EM's softmax sharpness; None: PM's weighted read
+    topk: int  # EM's items per read (0 for PM)
     decay: float
     budget: float
 
@@ -219,34 +210,61 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
                 ) -> tuple[Slots, torch.Tensor]:
     """Write one item from a closed span's trace. Returns the new slots and write flags.
 
-    Shapes: slots (..., b, m, d), trace (..., b, d); leading dims are stacked memory instances.
-    closes: (b,) bool, the rows whose span ends (None: all); other rows come back unchanged.
-    Decoding users at different span offsets write on most steps, so this is written for few
-    tensor operations (one score product shared by the prediction and the novelty, the row mask
-    folded into the update), not for clarity alone.
+    Shapes: slots (n, b, m, d) and trace (n, b, d) for a rule of n stacked instances, or (b, m, d)
+    and (b, d) for a rule of one. closes: (b,) bool, the rows whose span ends (None: all); other
+    rows come back unchanged.
     """
-    key = F.normalize(trace.keys, dim=-1)
-    value = trace.values / span
-    scores = key[..., None, :] @ slots.keys.transpose(-1, -2)  # (..., b, 1, m)
-    predicted = rule.combine(scores, slots)[..., 0, :]
+    if slots.keys.dim() == 3:  # one memory: give it the instance dim
+        written, writes = _write(*(t[None] for t in (*slots, *trace)), closes, *rule, span)
+        return Slots(*(t[0] for t in written)), writes[0]
+    written, writes = _write(*slots, *trace, closes, *rule, span)
+    return Slots(*written), writes
+
+
+def _write_tensors(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Tensor, trace_keys: torch.Tensor,
+                   trace_values: torch.Tensor, closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                   w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, decay: float,
+                   budget: float, span: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """`write_slots` on plain tensors (n instances first). Decoding users at different span
+    offsets write on most steps, so this is written for few tensor operations (one score product
+    shared by the prediction and the novelty, the row mask folded into the update)."""
+    slots = Slots(keys, values, strengths)
+    key = F.normalize(trace_keys, dim=-1)
+    value = trace_values / span
+    scores = key[..., None, :] @ keys.transpose(-1, -2)  # (n, b, 1, m)
+    read = strength_weighted_combine(scores, slots) if sharpness is None else top_k_combine(scores, slots, topk, sharpness)
+    predicted = read[..., 0, :]
     surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
-    used = slots.strengths > 0
+    used = strengths > 0
     novelty = 1.0 - scores[..., 0, :].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
     fill = used.to(value.dtype).mean(dim=-1)
-    strength = rule.neuromodulator(surprise, novelty, fill).to(value.dtype)
+    features = torch.stack([surprise, novelty, fill], dim=-1).to(w1.dtype)  # (n, b, 3): the neuromodulators
+    hidden = F.silu(torch.baddbmm(b1[:, None], features, w1.transpose(1, 2)))
+    strength = torch.sigmoid(torch.baddbmm(b2[:, None], hidden, w2.transpose(1, 2))).squeeze(-1).to(value.dtype)
     writes = strength > WRITE_THRESHOLD
-    decayed = slots.strengths * rule.decay
+    decayed = strengths * decay
     if closes is not None:
         writes = writes & closes
-        decayed = torch.where(closes[:, None], decayed, slots.strengths)
+        decayed = torch.where(closes[:, None], decayed, strengths)
     weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[..., None])
-    keys = torch.where(weakest[..., None], key[..., None, :], slots.keys)
-    values = torch.where(weakest[..., None], value[..., None, :], slots.values)
+    keys = torch.where(weakest[..., None], key[..., None, :], keys)
+    values = torch.where(weakest[..., None], value[..., None, :], values)
     strengths = torch.where(weakest, strength[..., None], decayed)
-    scale = (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+    scale = (budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
     if closes is not None:
         scale = torch.where(closes[:, None], scale, 1.0)
-    return Slots(keys, values, strengths * scale), writes.long()
+    return (keys, values, strengths * scale), writes.long()
+
+
+_write = _write_tensors  # what `write_slots` runs; `compile_writes` swaps it
+
+
+def compile_writes(enabled: bool = True) -> None:
+    """Run every memory write through `torch.compile` (dynamic shapes): a few fused kernels in place
+    of ~60 small ones, for a compile at first use of each (memory kind, masked or not). Pays where
+    launching kernels dominates the write (GPU serving); bench/NOTES.md has the measurements."""
+    global _write
+    _write = torch.compile(_write_tensors, dynamic=True) if enabled else _write_tensors
 
 
 class SlotMemory(nn.Module):
@@ -270,12 +288,19 @@ class SlotMemory(nn.Module):
     def write(self, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
               ) -> tuple[Slots, torch.Tensor]:
         """`write_slots` for this one memory: slots (b, m, d), trace (b, d) -> new slots, (b,) flags."""
-        return write_slots(WriteRule(self.combine, self.neuromodulator, self.decay, self.budget),
-                           slots, trace, span, closes)
+        return write_slots(self.stacked_rule([self]), slots, trace, span, closes)
 
     @classmethod
     def stacked_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
         """One write rule for like memories, so their writes run as one batched `write_slots`."""
+        w1, b1, w2, b2 = (torch.stack([getattr(m.neuromodulator.net[layer], name) for m in memories])
+                          for layer, name in ((0, "weight"), (0, "bias"), (2, "weight"), (2, "bias")))
+        return WriteRule(w1, b1, w2, b2, *cls._read_rule(memories), _shared(memories, "decay"),
+                         _shared(memories, "budget"))
+
+    @classmethod
+    def _read_rule(cls, memories: list["SlotMemory"]) -> tuple[torch.Tensor | None, int]:
+        """The (sharpness, topk) of a stack's reads in `WriteRule`."""
         raise NotImplementedError
 
 
@@ -301,9 +326,8 @@ class ProceduralMemory(SlotMemory):
         return self.gain * self.retrieve(queries, slots)
 
     @classmethod
-    def stacked_rule(cls, memories: list[SlotMemory]) -> WriteRule:
-        return WriteRule(strength_weighted_combine, stacked_neuromodulators([m.neuromodulator for m in memories]),
-                         _shared(memories, "decay"), _shared(memories, "budget"))
+    def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:
+        return None, 0
 
 
 class EpisodicMemory(SlotMemory):
@@ -328,11 +352,9 @@ class EpisodicMemory(SlotMemory):
         return self.out(self.retrieve(queries, slots))
 
     @classmethod
-    def stacked_rule(cls, memories: list[SlotMemory]) -> WriteRule:
+    def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:
         sharpness = torch.stack([m.log_temperature for m in memories]).exp()[:, None, None, None]
-        combine = partial(top_k_combine, topk=_shared(memories, "topk"), sharpness=sharpness)
-        return WriteRule(combine, stacked_neuromodulators([m.neuromodulator for m in memories]),
-                         _shared(memories, "decay"), _shared(memories, "budget"))
+        return sharpness, _shared(memories, "topk")
 
 
 def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
@@ -381,8 +403,7 @@ def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writ
     """
     if closes is False:
         return slots, trace, writes
-    rule = memory if isinstance(memory, WriteRule) else WriteRule(memory.combine, memory.neuromodulator,
-                                                                  memory.decay, memory.budget)
+    rule = memory if isinstance(memory, WriteRule) else memory.stacked_rule([memory])
     written, wrote = write_slots(rule, slots, trace, span, None if closes is True else closes)
     writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(0))
     if closes is True:
