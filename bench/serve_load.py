@@ -97,8 +97,6 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--device", default="cpu", help="where replicas run the model: cpu or cuda")
-    parser.add_argument("--compile-writes", action="store_true",
-                        help="torch.compile the memory writes in the replicas (compiles during the warm-up)")
     parser.add_argument("--gpus-per-replica", type=float, default=1.0,
                         help="with --device cuda: 0.5 puts two replicas on one GPU (two processes, two GILs)")
     parser.add_argument("--section", default=None, help="results section to write (default: cpu, or gpu with --device cuda)")
@@ -120,7 +118,6 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app({"data_root": data_root, "preset": args.preset, "num_replicas": args.replicas,
                              "max_batch_size": args.max_batch_size, "device": args.device,
-                             "compile_writes": args.compile_writes,
                              "batch_wait_timeout_s": args.batch_wait_timeout_s,
                              "num_gpus": args.gpus_per_replica if gpu else 0}), name="reverie", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}"
@@ -140,7 +137,6 @@ def main() -> None:
         "preset": args.preset, "users": args.users, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "max_new_bytes": args.max_new_bytes, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s, "gpus_per_replica": args.gpus_per_replica if gpu else 0,
-        "compile_writes": args.compile_writes,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},

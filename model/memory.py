@@ -176,8 +176,8 @@ class EMNeuromodulator(Neuromodulator):
 
 
 class WriteRule(NamedTuple):
-    """What a write needs from one memory or a stack of like memories, as tensors and constants
-    only, so that `write_slots` can run compiled (`compile_writes`). Instance dim first."""
+    """What a write needs from one memory or a stack of like memories: their parameters stacked
+    as plain tensors (instance dim first), and the constants they share."""
 
     w1: torch.Tensor  # (n, hidden, 3): the neuromodulators' layers, stacked
     b1: torch.Tensor  # (n, hidden)
@@ -215,9 +215,9 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     rows come back unchanged.
     """
     if slots.keys.dim() == 3:  # one memory: give it the instance dim
-        written, writes = _write(*(t[None] for t in (*slots, *trace)), closes, *rule, span)
+        written, writes = _write_tensors(*(t[None] for t in (*slots, *trace)), closes, *rule, span)
         return Slots(*(t[0] for t in written)), writes[0]
-    written, writes = _write(*slots, *trace, closes, *rule, span)
+    written, writes = _write_tensors(*slots, *trace, closes, *rule, span)
     return Slots(*written), writes
 
 
@@ -254,17 +254,6 @@ def _write_tensors(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Te
     if closes is not None:
         scale = torch.where(closes[:, None], scale, 1.0)
     return (keys, values, strengths * scale), writes.long()
-
-
-_write = _write_tensors  # what `write_slots` runs; `compile_writes` swaps it
-
-
-def compile_writes(enabled: bool = True) -> None:
-    """Run every memory write through `torch.compile` (dynamic shapes): a few fused kernels in place
-    of ~60 small ones, for a compile at first use of each (memory kind, masked or not). Pays where
-    launching kernels dominates the write (GPU serving); bench/NOTES.md has the measurements."""
-    global _write
-    _write = torch.compile(_write_tensors, dynamic=True) if enabled else _write_tensors
 
 
 class SlotMemory(nn.Module):

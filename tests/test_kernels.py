@@ -15,8 +15,8 @@ import model.lm
 from model.config import preset
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.memory import (EpisodicMemory, ProceduralMemory, Slots, SpanPlan, Trace, close_spans, compile_writes,
-                          run_over_spans, run_over_spans_reference, span_segments, write_slots)
+from model.memory import (EpisodicMemory, ProceduralMemory, Slots, SpanPlan, Trace, close_spans, run_over_spans,
+                          run_over_spans_reference, span_segments)
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SLOTS, D, SPAN = 3, 6, 8, 8
@@ -135,24 +135,6 @@ def test_a_stacked_write_equals_writing_each_memory_alone(kind):
         for got, want in zip((*stacked[0], *stacked[1]), (*slots, *trace)):
             torch.testing.assert_close(got[index], want, rtol=1e-9, atol=1e-9)
     assert torch.equal(stacked[2], sum(result[2] for result in alone))
-
-
-def test_compiled_writes_equal_eager_writes():
-    """`compile_writes` (GPU serving's option) runs the same write through torch.compile."""
-    memories = [make_memory("em", seed=seed) for seed in (1, 2)]
-    inputs = [random_inputs(1, seed=seed) for seed in (4, 5)]
-    rule = EpisodicMemory.stacked_rule(memories)
-    slots = Slots(*(torch.stack(parts) for parts in zip(*(i[2] for i in inputs))))
-    trace = Trace(*(torch.stack(parts) for parts in zip(*(i[3] for i in inputs))))
-    closes = torch.tensor([True, False, True])
-    eager = write_slots(rule, slots, trace, SPAN, closes)
-    compile_writes()
-    try:
-        compiled = write_slots(rule, slots, trace, SPAN, closes)
-    finally:
-        compile_writes(False)
-    for got, want in zip((*compiled[0], compiled[1]), (*eager[0], eager[1])):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["pm", "em"])

@@ -54,7 +54,6 @@ from model.config import ModelConfig, config_of_manifest, preset
 from model.fast_state import FastState
 from model.generate import GenerationConfig, generate_batch
 from model.lm import ReverieLM
-from model.memory import compile_writes
 from storage.checkpoints import CheckpointRegistry
 from storage.config import StorageConfig
 from storage.deltas import DeltaStore
@@ -79,7 +78,6 @@ class ServingConfig:
     delta_ttl_s: float = 10.0  # how long a user's (absent) delta lookup is cached
     torch_threads: int = 1
     device: str = "cpu"  # "cuda" (or "cuda:1") serves from a GPU; states are stored from the CPU either way
-    compile_writes: bool = False  # torch.compile the memory writes (model.memory.compile_writes): GPU serving
     limits: ServingLimits = field(default_factory=ServingLimits)
 
     @classmethod
@@ -300,8 +298,6 @@ class ServingEngine:
 
     def __init__(self, config: ServingConfig = ServingConfig(), replica_id: str = "local") -> None:
         torch.set_num_threads(config.torch_threads)
-        if config.compile_writes:
-            compile_writes()
         self.config = config
         self.replica_id = replica_id
         storage = config.storage()
