@@ -137,12 +137,12 @@ def test_prompts_read_together_equal_prompts_read_alone(tiny_model_f64):
 
 def test_a_right_padded_batch_moves_each_user_by_its_own_bytes(tiny_model_f64):
     """forward(lengths=...): logits and next state of each user equal its unpadded forward alone,
-    past the working-memory window and short of it, learning or not."""
+    past the working-memory window and short of it, learning or not, from used and empty states."""
     empty = FastState.empty(TINY, 1, dtype=torch.float64)
-    start = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty)[1] for n in (3, 20, 50)])
+    warm = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty)[1] for n in (3, 20, 50)])
     lengths = [1, TINY.window + 5, 17]
     tokens = random_bytes(3, max(lengths), seed=9)
-    for learn in (True, False):
+    for learn, start in ((True, warm), (False, warm), (True, FastState.empty(TINY, 3, dtype=torch.float64))):
         logits, after = tiny_model_f64(tokens, start, learn=learn, lengths=lengths)
         for i, n in enumerate(lengths):
             alone_logits, alone = tiny_model_f64(tokens[i:i + 1, :n], start.rows(slice(i, i + 1)), learn=learn)
