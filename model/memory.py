@@ -212,48 +212,43 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
 
     Shapes: slots (n, b, m, d) and trace (n, b, d) for a rule of n stacked instances, or (b, m, d)
     and (b, d) for a rule of one. closes: (b,) bool, the rows whose span ends (None: all); other
-    rows come back unchanged.
+    rows come back unchanged. Decoding users at different span offsets write on most steps, so
+    this is written for few tensor operations (one score product shared by the prediction and
+    the novelty, the row mask folded into the update).
     """
     if slots.keys.dim() == 3:  # one memory: give it the instance dim
-        written, writes = _write_tensors(*(t[None] for t in (*slots, *trace)), closes, *rule, span)
+        written, writes = write_slots(rule, Slots(*(t[None] for t in slots)), Trace(*(t[None] for t in trace)),
+                                      span, closes)
         return Slots(*(t[0] for t in written)), writes[0]
-    written, writes = _write_tensors(*slots, *trace, closes, *rule, span)
-    return Slots(*written), writes
-
-
-def _write_tensors(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Tensor, trace_keys: torch.Tensor,
-                   trace_values: torch.Tensor, closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
-                   w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, decay: float,
-                   budget: float, span: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """`write_slots` on plain tensors (n instances first). Decoding users at different span
-    offsets write on most steps, so this is written for few tensor operations (one score product
-    shared by the prediction and the novelty, the row mask folded into the update)."""
-    slots = Slots(keys, values, strengths)
-    key = F.normalize(trace_keys, dim=-1)
-    value = trace_values / span
-    scores = key[..., None, :] @ keys.transpose(-1, -2)  # (n, b, 1, m)
-    read = strength_weighted_combine(scores, slots) if sharpness is None else top_k_combine(scores, slots, topk, sharpness)
+    key = F.normalize(trace.keys, dim=-1)
+    value = trace.values / span
+    scores = key[..., None, :] @ slots.keys.transpose(-1, -2)  # (n, b, 1, m)
+    if rule.sharpness is None:
+        read = strength_weighted_combine(scores, slots)
+    else:
+        read = top_k_combine(scores, slots, rule.topk, rule.sharpness)
     predicted = read[..., 0, :]
     surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
-    used = strengths > 0
+    used = slots.strengths > 0
     novelty = 1.0 - scores[..., 0, :].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
     fill = used.to(value.dtype).mean(dim=-1)
-    features = torch.stack([surprise, novelty, fill], dim=-1).to(w1.dtype)  # (n, b, 3): the neuromodulators
-    hidden = F.silu(torch.baddbmm(b1[:, None], features, w1.transpose(1, 2)))
-    strength = torch.sigmoid(torch.baddbmm(b2[:, None], hidden, w2.transpose(1, 2))).squeeze(-1).to(value.dtype)
+    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (n, b, 3): the neuromodulators
+    hidden = F.silu(torch.baddbmm(rule.b1[:, None], features, rule.w1.transpose(1, 2)))
+    strength = torch.sigmoid(torch.baddbmm(rule.b2[:, None], hidden, rule.w2.transpose(1, 2))).squeeze(-1)
+    strength = strength.to(value.dtype)
     writes = strength > WRITE_THRESHOLD
-    decayed = strengths * decay
+    decayed = slots.strengths * rule.decay
     if closes is not None:
         writes = writes & closes
-        decayed = torch.where(closes[:, None], decayed, strengths)
+        decayed = torch.where(closes[:, None], decayed, slots.strengths)
     weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[..., None])
-    keys = torch.where(weakest[..., None], key[..., None, :], keys)
-    values = torch.where(weakest[..., None], value[..., None, :], values)
+    keys = torch.where(weakest[..., None], key[..., None, :], slots.keys)
+    values = torch.where(weakest[..., None], value[..., None, :], slots.values)
     strengths = torch.where(weakest, strength[..., None], decayed)
-    scale = (budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+    scale = (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
     if closes is not None:
         scale = torch.where(closes[:, None], scale, 1.0)
-    return (keys, values, strengths * scale), writes.long()
+    return Slots(keys, values, strengths * scale), writes.long()
 
 
 class SlotMemory(nn.Module):
@@ -274,14 +269,9 @@ class SlotMemory(nn.Module):
         """scores (b, t, m) of queries against the slot keys -> retrieved values (b, t, d)."""
         raise NotImplementedError
 
-    def write(self, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
-              ) -> tuple[Slots, torch.Tensor]:
-        """`write_slots` for this one memory: slots (b, m, d), trace (b, d) -> new slots, (b,) flags."""
-        return write_slots(self.stacked_rule([self]), slots, trace, span, closes)
-
     @classmethod
     def stacked_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
-        """One write rule for like memories, so their writes run as one batched `write_slots`."""
+        """One write rule for like memories (or one), so their writes run as one `write_slots`."""
         w1, b1, w2, b2 = (torch.stack([getattr(m.neuromodulator.net[layer], name) for m in memories])
                           for layer, name in ((0, "weight"), (0, "bias"), (2, "weight"), (2, "bias")))
         return WriteRule(w1, b1, w2, b2, *cls._read_rule(memories), _shared(memories, "decay"),

@@ -162,7 +162,6 @@ class UserStates:
         self.capacity = capacity
         self.device = device
         self._savers = ThreadPoolExecutor(save_threads, thread_name_prefix="fast-state-save")
-        self._readers = ThreadPoolExecutor(save_threads, thread_name_prefix="turn-marker-read")
         self._saving: dict[str, Future] = {}  # user -> their latest save, not yet known to be done
         self._slots: OrderedDict[str, UserSlot] = OrderedDict()
         self.loads = 0  # reads of a state from the store (cache misses and stale copies)
@@ -184,22 +183,10 @@ class UserStates:
         except (ValueError, KeyError, TypeError):
             return -1  # unreadable marker: trust the store's blob, not the cache
 
-    def get_many(self, user_ids: list[str], config: ModelConfig, version: str, keep: float) -> list[UserSlot]:
-        """`get` for several distinct users, their turn markers read concurrently: one wait for the
-        store per batch instead of one per user (each read can also wait for the GIL behind the
-        save threads, up to Python's switch interval)."""
-        checked = [user for user in user_ids if user in self._slots and not self._in_flight(user)]
-        stored = dict(zip(checked, self._readers.map(self._stored_turns, checked)))
-        return [self.get(user, config, version, keep, stored.get(user)) for user in user_ids]
-
-    def get(self, user_id: str, config: ModelConfig, version: str, keep: float,
-            stored_turns: int | None = None) -> UserSlot:
-        """The user's slot, loaded from the store on a miss or when the cached copy is stale.
-        stored_turns: the user's marker, when the caller has just read it."""
+    def get(self, user_id: str, config: ModelConfig, version: str, keep: float) -> UserSlot:
+        """The user's slot, loaded from the store on a miss or when the cached copy is stale."""
         slot = self._slots.get(user_id)
-        if slot is not None and not self._in_flight(user_id) and stored_turns is None:
-            stored_turns = self._stored_turns(user_id)
-        if slot is None or (not self._in_flight(user_id) and slot.turns != stored_turns):
+        if slot is None or (not self._in_flight(user_id) and slot.turns != self._stored_turns(user_id)):
             self.flush(user_id)
             slot = self._load(user_id, config, version)
             self._slots[user_id] = slot
@@ -271,9 +258,8 @@ class UserStates:
             raise errors[-1]
 
     def close(self) -> None:
-        """Wait for saves in flight and stop the save and read threads."""
+        """Wait for saves in flight and stop the save threads."""
         self._savers.shutdown()
-        self._readers.shutdown()
 
     def reset(self, user_id: str) -> None:
         """Forget the user everywhere: the resident copy, the stored state, the marker."""
@@ -393,8 +379,8 @@ class ServingEngine:
     def _serve_group(self, requests: list[GenerateRequest]) -> list[dict[str, Any]]:
         assert self.model is not None
         first = requests[0]
-        slots = self.states.get_many([r.user_id for r in requests], self.model.config, self.version,
-                                     self.config.soft_reset_keep)
+        slots = [self.states.get(r.user_id, self.model.config, self.version, self.config.soft_reset_keep)
+                 for r in requests]
         generation = GenerationConfig(max_new_bytes=first.max_new_bytes, temperature=first.temperature,
                                       learn=first.learn)
         delta = self._user_delta(first.user_id)
