@@ -5,8 +5,8 @@ Sections, each run in its own subprocess with a time budget, its items flushed t
 finish, so a hang, a crash or an out-of-memory error loses only the rest of its own section:
 
     bandwidth   HBM copy bandwidth and bf16 matmul rate: the two ceilings (METHOD.md)
-    checks      fast paths vs references on random inputs (scan, span reads, step vs forward,
-                graphed decode, KV-cache GPT, BitDelta packing), relative errors
+    checks      fast paths vs references on random inputs (scan, span reads, the fused memory
+                write, step vs forward, graphed decode, KV-cache GPT, BitDelta packing), relative errors
     training    ReverieLM `base` vs the GPT baseline (bench/baselines.py), bf16 autocast, T=2048:
                 tokens/s, MFU, and the ratio; Reverie eager and with its parts compiled
     generation  decoding one byte per user with per-user states, batch 1/16/64/256, learn off/on,
@@ -203,23 +203,23 @@ def warm_state(config: ModelConfig, batch: int, device: torch.device, seed: int,
     return state
 
 
-def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: bool
+def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: bool, donate_state: bool = False
                    ) -> tuple[torch.Tensor, FastState]:
     """`lm.step` without host syncs: whose span ends is a (b,) mask computed on the device, and the
     working memory takes its cached path (right for an empty cache too). byte (b,) -> logits (b, 1, 256)."""
     span = lm.config.span
     closes = (state.pos % span) + 1 == span
     return lm._run(byte[:, None], state, learn, lm.config.n_layers, SpanPlan.one_byte(closes, byte.shape[0]),
-                   fresh=False)
+                   fresh=False, donate_state=donate_state)
 
 
 class GraphedDecode:
     """ReverieLM's one-byte step (`_run`, which has no host syncs) captured in a CUDA graph.
 
-    The state lives in static buffers; after each replay the returned tensors are copied into them
-    (tensors a forward returned unchanged are the buffers themselves and are not copied). Whose
-    span closes is computed on the device, so with learn on the write runs for every user and
-    `_close_span` keeps it only where a span ends.
+    The state lives in static buffers, donated to each step; after each replay the returned tensors
+    are copied into them (tensors a forward returned unchanged, or wrote in place, are the buffers
+    themselves and are not copied). Whose span closes is computed on the device: the fused write
+    skips the other users on the device, the torch write masks them.
     """
 
     def __init__(self, lm: ReverieLM, state: FastState, learn: bool) -> None:
@@ -237,7 +237,7 @@ class GraphedDecode:
             self.logits, self.out = self._step()
 
     def _step(self) -> tuple[torch.Tensor, FastState]:
-        return sync_free_step(self.lm, self.byte, self.state, self.learn)
+        return sync_free_step(self.lm, self.byte, self.state, self.learn, donate_state=True)
 
     def __call__(self, byte: torch.Tensor) -> torch.Tensor:
         """byte (b,) -> logits (b, 256); advances the static state."""
@@ -422,6 +422,48 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                                                rel_err(graph.state.em_v, eager_state.em_v))
         return check(max(errors.values()), 1e-5, cases=errors)
 
+    def fused_write() -> dict:
+        """The Triton write against `write_slots` (float64 on the CPU) at the model's sizes, on views
+        of a state as the model passes them; users whose span does not end must be left untouched."""
+        from model.fused_write import write_slots_in_place
+        from model.memory import close_spans
+
+        config = preset(sizes.reverie)
+        batch, errors, writes = 64 if device.type == "cuda" else 4, {}, {}  # on CPU: Triton's interpreter (--smoke)
+        for kind, count, m in (("pm", config.n_layers, config.pm_rank), ("em", config.n_blocks, config.em_slots)):
+            torch.manual_seed(0)
+            memories = [ProceduralMemory(config.pm_decay, config.pm_budget) if kind == "pm" else
+                        EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)
+                        for _ in range(count)]
+            for memory in memories:  # neuromodulators that write for some spans and skip others
+                with torch.no_grad():
+                    memory.neuromodulator.net[2].weight.normal_(0.0, 3.0)
+            g = torch.Generator(device=device).manual_seed(4)
+            randn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+            shape = (batch, count + 1, m, config.d_model)  # one instance more than written: views, as in the model
+            state = [F.normalize(randn(*shape), dim=-1), randn(*shape),
+                     torch.rand(shape[:3], generator=g, device=device) * (torch.rand(shape[:3], generator=g, device=device) < 0.75),
+                     randn(batch, count + 1, config.d_model), randn(batch, count + 1, config.d_model)]
+            closes = torch.rand(batch, generator=g, device=device) < 0.5
+            with torch.no_grad():
+                rule = type(memories[0]).stacked_rule([mem.to(device) for mem in memories])
+                wide = lambda t: t.double().cpu()  # noqa: E731
+                want_slots, want_trace, want_writes = close_spans(
+                    type(rule)(*(wide(t) if isinstance(t, torch.Tensor) else t for t in rule)),
+                    Slots(*(wide(t[:, :count]) for t in state[:3])), Trace(*(wide(t[:, :count]) for t in state[3:])),
+                    torch.zeros(batch, dtype=torch.long), closes.cpu(), config.span)
+                before = [t.clone() for t in state]
+                got_writes = write_slots_in_place(rule, Slots(*(t[:, :count] for t in state[:3])),
+                                                  Trace(*(t[:, :count] for t in state[3:])), config.span, closes)
+            errors[kind] = max(rel_err(t[:, :count], want) for t, want in zip(state, (*want_slots, *want_trace)))
+            untouched = all(torch.equal(t[~closes], b[~closes]) and torch.equal(t[:, count:], b[:, count:])
+                            for t, b in zip(state, before))
+            writes[kind] = {"made": int(got_writes.sum()), "equal": bool(torch.equal(got_writes.cpu(), want_writes)),
+                            "others_untouched": untouched}
+        result = check(max(errors.values()), 1e-5, cases=errors, writes=writes)
+        result["ok"] = result["ok"] and all(w["equal"] and w["others_untouched"] for w in writes.values())
+        return result
+
     def kv_gpt() -> dict:
         torch.manual_seed(0)
         gpt = GPT(n_layers=2, d_model=64, n_heads=2, max_len=64).to(device).eval()
@@ -443,6 +485,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     rec.item("scan", scan)
     rec.item("span_reads", span_reads)
+    rec.item("fused_write", fused_write)
     rec.item("step_vs_forward", step_vs_forward)
     if device.type == "cuda":
         rec.item("graphed_decode", graphed_decode)
@@ -588,7 +631,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
             holder = {"state": state}
 
             def step() -> None:
-                _, holder["state"] = lm.step(byte, holder["state"], learn=learn)
+                _, holder["state"] = lm.step(byte, holder["state"], learn=learn, donate_state=True)
             timing = time_ms(step, device, warmup=2, repeat=sizes.decode_steps)
         return per_second(batch, timing)
 

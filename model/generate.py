@@ -101,7 +101,7 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
         logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
         for j, i in enumerate(group):
             rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]
-    state = FastState.cat(rows)
+    state = FastState.cat(rows)  # a new batch, owned here: the decoding steps may donate it
     logits = torch.stack(last_logits)
     replies = [bytearray() for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -113,7 +113,7 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
                 done[i] = config.stop_byte is not None and value == config.stop_byte
         if bool(done.all()):
             break
-        logits, state = model.step(byte, state, learn=config.learn)
+        logits, state = model.step(byte, state, learn=config.learn, donate_state=True)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     writes = (state.writes - writes_before).tolist()
     results = [Generation(bytes(reply), {"active_params": model.last_metrics.get("active_params", model.num_params()),

@@ -19,8 +19,9 @@ from torch import nn
 from model.config import ModelConfig
 from model.fast_state import FastState
 from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
-from model.memory import (Closes, EpisodicMemory, ProceduralMemory, Slots, SpanPlan, Trace, close_spans,
-                          run_over_spans)
+from model.fused_write import fused_write_supported, write_slots_in_place
+from model.memory import (Closes, EpisodicMemory, ProceduralMemory, Slots, SpanPlan, SpanRun, Trace,
+                          close_spans, run_over_spans)
 
 
 # FastState tensors with one row per layer (dim 1), and with one row per block.
@@ -35,6 +36,7 @@ class LayerState:
     slots: Slots
     trace: Trace
     writes: torch.Tensor  # (b,)
+    pending: Trace | None = None  # returned: the last row's sums, not yet in `trace` (`_close_last_spans`)
 
 
 class Layer(nn.Module):
@@ -51,18 +53,18 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: LayerState, plan: SpanPlan, learn: bool,
                 last: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
-        """The span ends of the plan's last row are left to `ReverieLM._close_last_spans`.
+        """The plan's last row (its trace sums and span ends) is left to `ReverieLM._close_last_spans`.
         last: (b,) each user's last position in a right-padded batch (None: all T - 1)."""
         u = self.mix_norm(x)
         y, carry = self.mixer(u, state.carry, last)
         with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
             wide = float32_or_wider(u)
             queries = F.normalize(u.to(wide), dim=-1)
-            reads, slots, trace, writes = run_over_spans(self.procedural, queries, y.to(wide), state.slots,
-                                                         state.trace, plan, self.span, learn, close_last=False)
-        x = x + y + reads.to(x.dtype)
+            run = run_over_spans(self.procedural, queries, y.to(wide), state.slots, state.trace, plan, self.span,
+                                 learn, close_last=False)
+        x = x + y + run.reads.to(x.dtype)
         x = x + self.ff(self.ff_norm(x))
-        return x, LayerState(carry, slots, trace, state.writes + writes)
+        return x, LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
 
 
 class Block(nn.Module):
@@ -75,16 +77,17 @@ class Block(nn.Module):
         self.episodic = EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)
         self.span = config.span
 
-    def recall(self, x: torch.Tensor, slots: Slots, trace: Trace, plan: SpanPlan, learn: bool):
-        """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x), new slots, trace, writes.
-        As in `Layer.forward`, the last row's span ends are left to the model."""
+    def recall(self, x: torch.Tensor, slots: Slots, trace: Trace, plan: SpanPlan, learn: bool
+               ) -> tuple[torch.Tensor, SpanRun]:
+        """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x) and what the memory did.
+        As in `Layer.forward`, the last row is left to the model."""
         u = self.em_norm(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             wide = float32_or_wider(u)
             queries = self.episodic.queries(u.to(wide))
-            reads, slots, trace, writes = run_over_spans(self.episodic, queries, u.to(wide), slots, trace,
-                                                         plan, self.span, learn, close_last=False)
-        return x + reads.to(x.dtype), slots, trace, writes
+            run = run_over_spans(self.episodic, queries, u.to(wide), slots, trace, plan, self.span, learn,
+                                 close_last=False)
+        return x + run.reads.to(x.dtype), run
 
 
 class ReverieLM(nn.Module):
@@ -140,7 +143,7 @@ class ReverieLM(nn.Module):
                 raise ValueError(f"tokens must be byte values 0..255, got range [{low}, {high}]")
 
     def forward(self, tokens: torch.Tensor, state: FastState | None = None, *, learn: bool = True,
-                active_layers: int | None = None, lengths: list[int] | None = None
+                active_layers: int | None = None, lengths: list[int] | None = None, donate_state: bool = False
                 ) -> tuple[torch.Tensor, FastState]:
         """tokens: (b, T) bytes; state: FastState for b users (None = empty).
 
@@ -148,6 +151,8 @@ class ReverieLM(nn.Module):
         through the shared head; skipped layers and memories keep their state. lengths: each
         user's bytes when users of different lengths come right-padded to T (None: T each); each
         user's state then moves by its own bytes only, and its logits past them are padding.
+        donate_state=True: the caller will not use `state` again, so a memory write may change its
+        tensors in place rather than copy them (the fused CUDA write touches only the slots it writes).
         Returns logits (b, T, 256) and the new FastState.
         """
         self._check_tokens(tokens)
@@ -173,14 +178,15 @@ class ReverieLM(nn.Module):
             lengths = None
         plan = SpanPlan.of(phases, length, span, tokens.device, lengths)
         own = None if lengths is None else torch.tensor(lengths, device=tokens.device)
-        logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions), lengths=own)
+        logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions), lengths=own,
+                                      donate_state=donate_state)
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
-    def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int,
-             plan: SpanPlan, fresh: bool, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, FastState]:
+    def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int, plan: SpanPlan, fresh: bool,
+             lengths: torch.Tensor | None = None, donate_state: bool = False) -> tuple[torch.Tensor, FastState]:
         """The network over tokens (b, T) from `state`, with no host syncs (CUDA-graph capturable
         for fixed arguments). fresh: every user is at position 0 with empty working memory.
         lengths: (b,) each user's bytes of a right-padded batch (None: T each)."""
@@ -188,6 +194,7 @@ class ReverieLM(nn.Module):
         writes = state.writes
         x = self.embed(tokens)
         rows: dict[str, list[torch.Tensor | None]] = {name: [] for name in LAYER_FIELDS + BLOCK_FIELDS}
+        pending: dict[type, list[Trace]] = {ProceduralMemory: [], EpisodicMemory: []}
         wm = (state.wm_k, state.wm_v, state.wm_pos)
         index = 0
         for b, block in enumerate(self.blocks):
@@ -201,13 +208,17 @@ class ReverieLM(nn.Module):
                 writes = returned.writes
                 _collect(rows, LAYER_FIELDS, (given.carry, *given.slots, *given.trace),
                          (returned.carry, *returned.slots, *returned.trace))
+                if returned.pending is not None:
+                    pending[ProceduralMemory].append(returned.pending)
                 index += 1
             else:
                 slots = Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b])
                 trace = Trace(state.em_elig_k[:, b], state.em_elig_v[:, b])
-                x, new_slots, new_trace, em_writes = block.recall(x, slots, trace, plan, learn)
-                writes = writes + em_writes
-                _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*new_slots, *new_trace))
+                x, run = block.recall(x, slots, trace, plan, learn)
+                writes = writes + run.writes
+                _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*run.slots, *run.trace))
+                if run.pending is not None:
+                    pending[EpisodicMemory].append(run.pending)
                 if b == 0:
                     out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh, lengths)
                     x = x + out
@@ -215,48 +226,63 @@ class ReverieLM(nn.Module):
             break
         logits = F.linear(self.final_norm(x), self.embed.weight)
         new = state.tensors()
-        if learn and plan.closes[-1] is not False:
-            writes = self._close_last_spans(new, rows, plan.closes[-1], writes)
         for name, replaced in rows.items():
             new[name] = _replace_rows(new[name], replaced)
+        if learn:
+            writes = self._close_last_spans(new, pending, plan.closes[-1], writes, state if not donate_state else None)
         new["wm_k"], new["wm_v"], new["wm_pos"] = wm
         new["pos"] = state.pos + (tokens.shape[1] if lengths is None else lengths)
         new["writes"] = writes
         return logits, FastState(**new)
 
-    def _close_last_spans(self, new: dict[str, torch.Tensor], rows: dict[str, list[torch.Tensor | None]],
-                          closes: Closes, writes: torch.Tensor) -> torch.Tensor:
-        """The writes of the spans that end with the call's last row, for every memory it ran: all
-        procedural memories as one batched write, all episodic ones as another. Nothing in the call
-        read after them, so this equals writing each memory in its layer, in 2 writes instead of
-        n_layers + n_blocks; decoding users at different span offsets write on most bytes.
+    def _close_last_spans(self, new: dict[str, torch.Tensor], pending: dict[type, list[Trace]], closes: Closes,
+                          writes: torch.Tensor, kept: FastState | None) -> torch.Tensor:
+        """The call's last row for every memory it ran: its sums join the traces, and the spans that
+        end with it are written, all procedural memories as one batched write and all episodic ones
+        as another. Nothing in the call read after them, so this equals doing it in each layer, in 2
+        writes instead of n_layers + n_blocks; decoding users at different span offsets write on
+        most bytes.
 
-        new: the given state's tensors, rows: what each memory returned (`_collect`); the written
-        memories' fields move from rows to new. Returns writes (b,) plus those made.
+        new: the state's tensors (b, n, ...), updated here. pending: each memory's last-row sums
+        (b, 1, d), by kind, in layer order. On CUDA the write runs as one fused kernel that changes
+        only the slots it writes, in place; `kept`, the caller's state unless donated, is copied
+        first where `new` still shares its tensors. Returns writes (b,) plus those made.
         """
         layers = [layer.procedural for block in self.blocks for layer in block.layers]
-        groups = ((ProceduralMemory, layers[:len(rows["pm_k"])], PM_FIELDS),
-                  (EpisodicMemory, [block.episodic for block in self.blocks[:len(rows["em_k"])]], BLOCK_FIELDS))
+        groups = ((ProceduralMemory, layers, PM_FIELDS), (EpisodicMemory, [block.episodic for block in self.blocks],
+                                                          BLOCK_FIELDS))
         with torch.autocast(device_type=writes.device.type, enabled=False):  # memory math in float32
             for kind, memories, fields in groups:
-                if not memories:
+                sums, count = pending[kind], len(pending[kind])
+                if not count:
                     continue
-                count = len(memories)
-                stacked = [torch.stack([new[name][:, i] if row is None else row for i, row in enumerate(rows.pop(name))])
-                           for name in fields]  # (count, b, ...): instances first
-                slots, trace, writes = close_spans(kind.stacked_rule(memories), Slots(*stacked[:3]),
-                                                   Trace(*stacked[3:]), writes, closes, self.config.span)
+                slot_names, trace_names = fields[:3], fields[3:]
+                for name, parts in zip(trace_names, zip(*sums)):
+                    new[name] = _add_to_first_rows(new[name], torch.cat(parts, dim=1))
+                if closes is False:
+                    continue
+                rule = kind.stacked_rule(memories[:count])
+                if fused_write_supported(Slots(*(new[name] for name in slot_names))):
+                    for name in slot_names:
+                        if kept is not None and new[name] is getattr(kept, name):
+                            new[name] = new[name].clone()
+                    writes = writes + write_slots_in_place(
+                        rule, Slots(*(_first_rows(new[name], count) for name in slot_names)),
+                        Trace(*(_first_rows(new[name], count) for name in trace_names)), self.config.span,
+                        None if closes is True else closes)
+                    continue
+                slots, trace, writes = close_spans(rule, Slots(*(_first_rows(new[name], count) for name in slot_names)),
+                                                   Trace(*(_first_rows(new[name], count) for name in trace_names)), writes,
+                                                   closes, self.config.span)
                 for name, written in zip(fields, (*slots, *trace), strict=True):
-                    rest = new[name][:, count:]
-                    new[name] = written.transpose(0, 1) if rest.shape[1] == 0 else torch.cat(
-                        [written.transpose(0, 1), rest], dim=1)
+                    new[name] = _replace_first_rows(new[name], written)
         return writes
 
     @torch.no_grad()
-    def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True
+    def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True, donate_state: bool = False
              ) -> tuple[torch.Tensor, FastState]:
-        """One byte per user: byte (b,) -> logits (b, 256), next state."""
-        logits, state = self.forward(byte[:, None], state, learn=learn)
+        """One byte per user: byte (b,) -> logits (b, 256), next state (donate_state: as in `forward`)."""
+        logits, state = self.forward(byte[:, None], state, learn=learn, donate_state=donate_state)
         return logits[:, 0], state
 
 
@@ -271,6 +297,25 @@ def _collect(rows: dict[str, list[torch.Tensor | None]], names: tuple[str, ...],
     forward returned the given tensor itself (nothing wrote it)."""
     for name, old, new in zip(names, given, returned, strict=True):
         rows[name].append(None if new is old else new)
+
+
+def _first_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """tensor[:, :count], without the slicing op when that is all of it (decoding runs this often)."""
+    return tensor if tensor.shape[1] == count else tensor[:, :count]
+
+
+def _add_to_first_rows(old: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """old (b, n, ...) with added (b, k, ...) added to its first k rows, as a new tensor."""
+    if added.shape[1] == old.shape[1]:
+        return old + added
+    return torch.cat([old[:, :added.shape[1]] + added, old[:, added.shape[1]:]], dim=1)
+
+
+def _replace_first_rows(old: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """old (b, n, ...) with its first k rows replaced by first (b, k, ...)."""
+    if first.shape[1] == old.shape[1]:
+        return first
+    return torch.cat([first, old[:, first.shape[1]:]], dim=1)
 
 
 def _replace_rows(old: torch.Tensor, rows: list[torch.Tensor | None]) -> torch.Tensor:

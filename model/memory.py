@@ -183,7 +183,7 @@ class WriteRule(NamedTuple):
     b1: torch.Tensor  # (n, hidden)
     w2: torch.Tensor  # (n, 1, hidden)
     b2: torch.Tensor  # (n, 1)
-    sharpness: torch.Tensor | None  # (n, 1, 1, 1): EM's softmax sharpness; None: PM's weighted read
+    sharpness: torch.Tensor | None  # (n, 1, 1): EM's softmax sharpness; None: PM's weighted read
     topk: int  # EM's items per read (0 for PM)
     decay: float
     budget: float
@@ -210,19 +210,19 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
                 ) -> tuple[Slots, torch.Tensor]:
     """Write one item from a closed span's trace. Returns the new slots and write flags.
 
-    Shapes: slots (n, b, m, d) and trace (n, b, d) for a rule of n stacked instances, or (b, m, d)
-    and (b, d) for a rule of one. closes: (b,) bool, the rows whose span ends (None: all); other
-    rows come back unchanged. Decoding users at different span offsets write on most steps, so
-    this is written for few tensor operations (one score product shared by the prediction and
-    the novelty, the row mask folded into the update).
+    Shapes: slots (b, n, m, d) and trace (b, n, d) for a rule of n stacked instances, the layout of
+    the FastState; or (b, m, d) and (b, d) for a rule of one. closes: (b,) bool, the rows whose
+    span ends (None: all); other rows come back unchanged. Decoding users at different span
+    offsets write on most steps, so this is written for few tensor operations (one score product
+    shared by the prediction and the novelty, the row mask folded into the update).
     """
     if slots.keys.dim() == 3:  # one memory: give it the instance dim
-        written, writes = write_slots(rule, Slots(*(t[None] for t in slots)), Trace(*(t[None] for t in trace)),
+        written, writes = write_slots(rule, Slots(*(t[:, None] for t in slots)), Trace(*(t[:, None] for t in trace)),
                                       span, closes)
-        return Slots(*(t[0] for t in written)), writes[0]
+        return Slots(*(t[:, 0] for t in written)), writes[:, 0]
     key = F.normalize(trace.keys, dim=-1)
     value = trace.values / span
-    scores = key[..., None, :] @ slots.keys.transpose(-1, -2)  # (n, b, 1, m)
+    scores = key[..., None, :] @ slots.keys.mT  # (b, n, 1, m)
     if rule.sharpness is None:
         read = strength_weighted_combine(scores, slots)
     else:
@@ -232,22 +232,21 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     used = slots.strengths > 0
     novelty = 1.0 - scores[..., 0, :].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
     fill = used.to(value.dtype).mean(dim=-1)
-    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (n, b, 3): the neuromodulators
-    hidden = F.silu(torch.baddbmm(rule.b1[:, None], features, rule.w1.transpose(1, 2)))
-    strength = torch.sigmoid(torch.baddbmm(rule.b2[:, None], hidden, rule.w2.transpose(1, 2))).squeeze(-1)
-    strength = strength.to(value.dtype)
+    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (b, n, 3): the neuromodulators
+    hidden = F.silu(features[..., None, :] @ rule.w1.mT + rule.b1[:, None])  # (b, n, 1, hidden)
+    strength = torch.sigmoid(hidden @ rule.w2.mT + rule.b2[:, None])[..., 0, 0].to(value.dtype)  # (b, n)
     writes = strength > WRITE_THRESHOLD
     decayed = slots.strengths * rule.decay
     if closes is not None:
-        writes = writes & closes
-        decayed = torch.where(closes[:, None], decayed, slots.strengths)
+        writes = writes & closes[:, None]
+        decayed = torch.where(closes[:, None, None], decayed, slots.strengths)
     weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), writes[..., None])
     keys = torch.where(weakest[..., None], key[..., None, :], slots.keys)
     values = torch.where(weakest[..., None], value[..., None, :], slots.values)
     strengths = torch.where(weakest, strength[..., None], decayed)
     scale = (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
     if closes is not None:
-        scale = torch.where(closes[:, None], scale, 1.0)
+        scale = torch.where(closes[:, None, None], scale, 1.0)
     return Slots(keys, values, strengths * scale), writes.long()
 
 
@@ -332,19 +331,28 @@ class EpisodicMemory(SlotMemory):
 
     @classmethod
     def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:
-        sharpness = torch.stack([m.log_temperature for m in memories]).exp()[:, None, None, None]
+        sharpness = torch.stack([m.log_temperature for m in memories]).exp()[:, None, None]
         return sharpness, _shared(memories, "topk")
 
 
+class SpanRun(NamedTuple):
+    """What `run_over_spans` returns."""
+
+    reads: torch.Tensor  # (b, T, d)
+    slots: Slots
+    trace: Trace
+    writes: torch.Tensor  # (b,) writes made
+    pending: Trace | None  # close_last=False: the last row's sums (b, 1, d), not yet in `trace`
+
+
 def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                   trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True
-                   ) -> tuple[torch.Tensor, Slots, Trace, torch.Tensor]:
+                   trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True) -> SpanRun:
     """Read `memory` at every position and write it at span ends.
 
     queries: (b, T, d) unit vectors, used both to read and as write keys; values: (b, T, d).
-    Returns reads (b, T, d), the new slots and trace, and (b,) counts of writes made.
-    close_last=False leaves the last row's span ends to the caller (`close_spans`): nothing in
-    this call reads after them, so a model can write all its memories there in one batch.
+    close_last=False leaves the last row to the caller: its sums come back as `pending`, and its
+    span ends are not written. Nothing in this call reads after them, so a model can add all its
+    memories' pending sums and write them in one batch (`ReverieLM._close_last_spans`).
 
     Reads inside a row of the plan see only the slots as they were at the row's start, so the
     loop below runs just the write recurrence, collecting those snapshots, and all reads are one
@@ -353,65 +361,76 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     """
     writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     if not learn:
-        return memory.read(queries, slots), slots, trace, writes
-    query_grid, value_grid = plan.fold(queries), plan.fold(values)  # (b, S, P, d)
-    if plan.width == 1:  # one byte per row (decoding): the sums are the bytes themselves
-        key_sums, value_sums = query_grid[:, :, 0], value_grid[:, :, 0]
+        return SpanRun(memory.read(queries, slots), slots, trace, writes, None)
+    if plan.width == 1 and min(plan.lengths) == plan.length:  # a byte per row (decoding): its sums are itself
+        query_grid, key_sums, value_sums = None, queries, values
     else:
-        key_sums, value_sums = query_grid.sum(2), value_grid.sum(2)  # (b, S, d) per row
+        query_grid = plan.fold(queries)  # (b, S, P, d)
+        key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
     snapshots = []
     for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
+        if row == plan.rows - 1 and not close_last:
+            break
         trace = Trace(trace.keys + key_sums[:, row], trace.values + value_sums[:, row])
-        if close_last or row < plan.rows - 1:
-            slots, trace, writes = close_spans(memory, slots, trace, writes, closes, span)
+        slots, trace, writes = close_spans(memory, slots, trace, writes, closes, span)
+    if close_last:
+        pending = None
+    else:  # the slices are skipped when there is one row: decoding runs this for every memory and byte
+        pending = Trace(key_sums, value_sums) if plan.rows == 1 else Trace(key_sums[:, -1:], value_sums[:, -1:])
     if len(snapshots) == 1:
         reads = memory.read(queries, snapshots[0])
     else:
+        query_grid = queries[:, :, None] if query_grid is None else query_grid
         stacked = Slots(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*snapshots)))  # (b*S, m, ..)
         reads = plan.unfold(memory.read(query_grid.flatten(0, 1), stacked).unflatten(0, query_grid.shape[:2]))
-    return reads, slots, trace, writes
+    return SpanRun(reads, slots, trace, writes, pending)
 
 
 def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writes: torch.Tensor,
                 closes: Closes, span: int) -> tuple[Slots, Trace, torch.Tensor]:
     """Write from the trace and empty it where a span closes; `closes` False leaves all as they are.
 
-    `memory` may be a stacked `WriteRule` with slots and trace stacked along a leading dim; the
-    writes made are then summed over it into writes (b,).
+    `memory` may be a stacked `WriteRule` with slots and trace stacked along dim 1 (`write_slots`);
+    the writes made are then summed over it into writes (b,).
     """
     if closes is False:
         return slots, trace, writes
     rule = memory if isinstance(memory, WriteRule) else memory.stacked_rule([memory])
     written, wrote = write_slots(rule, slots, trace, span, None if closes is True else closes)
-    writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(0))
+    writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(1))
     if closes is True:
         return written, Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values)), writes
-    keep = (~closes)[:, None].to(trace.keys.dtype)  # only the users whose span ends here
+    keep = (~closes).to(trace.keys.dtype).view(-1, *(1,) * (trace.keys.dim() - 1))  # where no span ends
     return written, Trace(trace.keys * keep, trace.values * keep), writes
 
 
 def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                             trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True
-                             ) -> tuple[torch.Tensor, Slots, Trace, torch.Tensor]:
+                             trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True) -> SpanRun:
     """The readable loop `run_over_spans` must equal: one user at a time, read a segment, then
     write if it closes a span. Same arguments and results as `run_over_spans`."""
     results = []
     for user in range(queries.shape[0]):
         row = slice(user, user + 1)
         user_slots, user_trace = Slots(*(t[row] for t in slots)), Trace(*(t[row] for t in trace))
+        pending = Trace(torch.zeros_like(user_trace.keys), torch.zeros_like(user_trace.values))
         reads, writes = [], torch.zeros(1, dtype=torch.long, device=queries.device)
-        segments = plan.segments(user)
-        for index, segment in enumerate(segments):
+        for index, segment in enumerate(plan.segments(user)):
             part = slice(segment.start, segment.stop)
             reads.append(memory.read(queries[row, part], user_slots))
-            if learn:
-                user_trace = Trace(user_trace.keys + queries[row, part].sum(1),
-                                   user_trace.values + values[row, part].sum(1))
-                if segment.closes_span and (close_last or index < plan.rows - 1):  # segment i is in row i
-                    user_slots, user_trace, writes = close_spans(memory, user_slots, user_trace, writes, True, span)
+            if not learn:
+                continue
+            sums = Trace(queries[row, part].sum(1), values[row, part].sum(1))
+            if index == plan.rows - 1 and not close_last:  # segment i is in row i
+                pending = sums
+                continue
+            user_trace = Trace(user_trace.keys + sums.keys, user_trace.values + sums.values)
+            if segment.closes_span:
+                user_slots, user_trace, writes = close_spans(memory, user_slots, user_trace, writes, True, span)
         user_reads = torch.cat(reads, dim=1)  # zeros past the user's length, where `run_over_spans` has any value
-        results.append((F.pad(user_reads, (0, 0, 0, plan.length - user_reads.shape[1])), user_slots, user_trace, writes))
-    reads, slots, traces, writes = zip(*results)
-    return (torch.cat(reads), Slots(*map(torch.cat, zip(*slots))), Trace(*map(torch.cat, zip(*traces))),
-            torch.cat(writes))
+        results.append((F.pad(user_reads, (0, 0, 0, plan.length - user_reads.shape[1])), user_slots, user_trace,
+                        writes, pending))
+    reads, slots, traces, writes, pending = zip(*results)
+    return SpanRun(torch.cat(reads), Slots(*map(torch.cat, zip(*slots))), Trace(*map(torch.cat, zip(*traces))),
+                   torch.cat(writes), Trace(*(torch.cat(parts)[:, None] for parts in zip(*pending)))
+                   if learn and not close_last else None)

@@ -23,6 +23,10 @@ from werkzeug.serving import make_server
 from storage.config import StorageConfig
 from storage.uri import Store, open_store
 
+# Triton kernels (model/write_kernel.py) run in Triton's interpreter on CPU tensors. The switch is
+# read when Triton is first imported, which nothing above does: the test modules come later.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 S3_REGION = "us-east-1"
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
 

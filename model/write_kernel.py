@@ -1,0 +1,120 @@
+"""The Triton program behind `model.fused_write` (imported only where Triton is installed).
+
+One program per (user, memory instance) of a stacked write; it does what `model.memory.write_slots`
+does for that pair, and empties the trace as `close_spans` does. Compiled for CUDA; with
+TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py), Triton's interpreter runs
+it on CPU tensors instead.
+"""
+
+import triton
+import triton.language as tl
+
+
+def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes, writes,
+                       w1, b1, w2, b2, sharpness,
+                       sk_b, sk_n, sk_m, sk_d, sv_b, sv_n, sv_m, sv_d, ss_b, ss_n, ss_m,
+                       stk_b, stk_n, stk_d, stv_b, stv_n, stv_d,
+                       m, d, span, decay, budget, threshold,
+                       HAS_CLOSES: tl.constexpr, TOPK: tl.constexpr, HIDDEN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (user, instance): the comments name the lines of `write_slots` each step stands for."""
+    user = tl.program_id(0)
+    instance = tl.program_id(1)
+    n = tl.num_programs(1)
+    closing = True
+    if HAS_CLOSES:
+        closing = tl.load(closes + user) != 0
+    if closing:
+        slot = tl.arange(0, BLOCK_M)
+        in_m = slot < m
+        lane = tl.arange(0, BLOCK_D)
+        key_row = keys + user * sk_b + instance * sk_n
+        value_row = values + user * sv_b + instance * sv_n
+        trace_key = trace_keys + user * stk_b + instance * stk_n
+        trace_value = trace_values + user * stv_b + instance * stv_n
+
+        # key = normalize(trace.keys); value = trace.values / span: their norms first.
+        key_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        value_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            tv = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0)
+            key_sq += tk * tk
+            value_sq += tv * tv
+        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key_sq, axis=0)), 1e-12)
+        value_norm = tl.sqrt(tl.sum(value_sq, axis=0)) / span
+
+        # scores = key @ slots.keys^T
+        scores = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0) * inv_key_norm
+            tile = tl.load(key_row + slot[:, None] * sk_m + at[None, :] * sk_d,
+                           mask=in_m[:, None] & (at[None, :] < d), other=0.0)
+            scores += tl.sum(tile * key[None, :], axis=1)
+        strength_row = strengths + user * ss_b + instance * ss_n + slot * ss_m
+        old = tl.load(strength_row, mask=in_m, other=0.0)
+        used = (old > 0) & in_m
+
+        # read: PM's strength-weighted sum, or EM's softmax over the top-k used slots
+        if TOPK == 0:
+            weights = old * scores
+        else:
+            sharp = tl.load(sharpness + instance)
+            ranked = tl.where(in_m, tl.where(used, scores, -1e4), float("-inf"))
+            top = tl.max(ranked, axis=0)
+            picked = tl.zeros([BLOCK_M], dtype=tl.float32)
+            total = 0.0
+            for _ in tl.static_range(TOPK):
+                best = tl.max(ranked, axis=0)
+                chosen = slot == tl.argmax(ranked, axis=0)
+                e = tl.exp((best - top) * sharp)
+                picked = tl.where(chosen, e, picked)
+                total += e
+                ranked = tl.where(chosen, float("-inf"), ranked)
+            weights = tl.where(used, picked / total, 0.0)
+
+        # predicted = read; surprise = |value - predicted| / (|value| + 1e-6)
+        miss_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,
+                           mask=in_m[:, None] & (at[None, :] < d), other=0.0)
+            predicted = tl.sum(tile * weights[:, None], axis=0)
+            miss = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0) / span - predicted
+            miss_sq += tl.where(at < d, miss * miss, 0.0)
+        surprise = tl.sqrt(tl.sum(miss_sq, axis=0)) / (value_norm + 1e-6)
+        novelty = 1.0 - tl.maximum(tl.max(tl.where(used, scores, -1.0), axis=0), 0.0)
+        fill = tl.sum(used.to(tl.float32), axis=0) / m
+
+        # the neuromodulator: sigmoid(w2 @ silu(w1 @ [surprise, novelty, fill] + b1) + b2)
+        unit = tl.arange(0, HIDDEN)
+        first = w1 + instance * HIDDEN * 3 + unit * 3
+        pre = (tl.load(b1 + instance * HIDDEN + unit) + tl.load(first) * surprise
+               + tl.load(first + 1) * novelty + tl.load(first + 2) * fill)
+        activation = pre / (1.0 + tl.exp(-pre))
+        out = tl.sum(tl.load(w2 + instance * HIDDEN + unit) * activation, axis=0) + tl.load(b2 + instance)
+        strength = 1.0 / (1.0 + tl.exp(-out))
+        wrote = strength > threshold
+
+        # the weakest slot (first minimum of the decayed strengths) takes the item; budget rescale
+        decayed = old * decay
+        weakest = tl.argmin(tl.where(in_m, decayed, float("inf")), axis=0)
+        taken = tl.where(slot == weakest, wrote, False)
+        renewed = tl.where(taken, strength, decayed)
+        scale = tl.minimum(budget / tl.maximum(tl.sum(tl.where(in_m, renewed, 0.0), axis=0), 1e-6), 1.0)
+        tl.store(strength_row, renewed * scale, mask=in_m)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            tv = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0)
+            written = tl.where(at < d, wrote, False)
+            tl.store(key_row + weakest * sk_m + at * sk_d, tk * inv_key_norm, mask=written)
+            tl.store(value_row + weakest * sv_m + at * sv_d, tv / span, mask=written)
+            tl.store(trace_key + at * stk_d, tl.zeros([BLOCK_D], dtype=tl.float32), mask=at < d)  # emptied
+            tl.store(trace_value + at * stv_d, tl.zeros([BLOCK_D], dtype=tl.float32), mask=at < d)
+        tl.store(writes + user * n + instance, wrote.to(tl.int32))
+
+
+kernel = triton.jit(write_slot_kernel)

@@ -1,0 +1,88 @@
+"""The fused memory write (model/fused_write.py, a Triton kernel) against `write_slots`.
+
+On CPU machines the kernel runs in Triton's interpreter (tests/conftest.py switches it on); the
+GPU suite checks the compiled kernel on the device at the `base` sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace, close_spans
+
+triton = pytest.importorskip("triton", reason="the fused write is a Triton kernel: pip install triton")
+from model.fused_write import write_slots_in_place  # noqa: E402
+
+SPAN = 8
+
+
+def stacked_rule(kind: str, count: int, d: int):
+    """Memories whose neuromodulators write for some spans and skip others."""
+    memories = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        memory = ProceduralMemory(0.9, 3.0) if kind == "pm" else EpisodicMemory(d, topk=2, decay=0.95, budget=4.0)
+        with torch.no_grad():
+            memory.neuromodulator.net[2].weight.normal_(0.0, 3.0)
+            memory.neuromodulator.net[2].bias.fill_(0.0)
+        memories.append(memory)
+    with torch.no_grad():
+        return type(memories[0]).stacked_rule(memories)
+
+
+@pytest.mark.parametrize("kind", ["pm", "em"])
+@pytest.mark.parametrize("batch, count, total, slots, d", [(3, 2, 3, 6, 40), (4, 3, 3, 16, 64), (5, 1, 2, 5, 300)])
+@pytest.mark.parametrize("some_close", [True, False])
+def test_the_fused_write_equals_write_slots(kind, batch, count, total, slots, d, some_close):
+    """Inputs are views of the first `count` of `total` instances, as the model passes them; the
+    rest, and every user whose span does not end, must be left bit for bit as they were."""
+    g = torch.Generator().manual_seed(batch * slots + d)
+    keys = F.normalize(torch.randn(batch, total, slots, d, generator=g), dim=-1)
+    values = torch.randn(batch, total, slots, d, generator=g)
+    strengths = torch.rand(batch, total, slots, generator=g) * (torch.rand(batch, total, slots, generator=g) < 0.5)
+    trace_keys, trace_values = torch.randn(batch, total, d, generator=g), torch.randn(batch, total, d, generator=g)
+    closes = torch.arange(batch) % 2 == 0 if some_close else None
+    rule = stacked_rule(kind, count, d)
+    given = Slots(keys[:, :count], values[:, :count], strengths[:, :count])
+    want_slots, want_trace, want_writes = close_spans(rule, given, Trace(trace_keys[:, :count], trace_values[:, :count]),
+                                                      torch.zeros(batch, dtype=torch.long),
+                                                      True if closes is None else closes, SPAN)
+    state = [t.clone() for t in (keys, values, strengths, trace_keys, trace_values)]
+    writes = write_slots_in_place(rule, Slots(*(t[:, :count] for t in state[:3])),
+                                  Trace(*(t[:, :count] for t in state[3:])), SPAN, closes)
+    assert torch.equal(writes, want_writes)
+    for got, want, before in zip(state, (*want_slots, *want_trace), (keys, values, strengths, trace_keys, trace_values)):
+        torch.testing.assert_close(got[:, :count], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[:, count:], before[:, count:])
+        if closes is not None:
+            assert torch.equal(got[~closes], before[~closes])
+
+
+def test_a_model_with_the_fused_write_decodes_as_with_the_torch_write(monkeypatch):
+    """The model's use of the kernel: views of its state, in place only where the state is donated
+    (the caller's own state is never changed), prefill and decoding at different span offsets."""
+    import model.lm
+    from model.config import preset
+    from model.fast_state import FastState
+    from model.generate import GenerationConfig, generate_batch
+    from model.lm import ReverieLM
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    lm = ReverieLM(config).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        state = FastState.cat([lm(torch.randint(0, 256, (1, n), generator=g))[1] for n in (3, 9, 14)])
+    kept = state.clone()
+    prompts = [b"one", b"a longer prompt", b"a prompt longer than one span of bytes"]
+    generation = GenerationConfig(max_new_bytes=2 * config.span, temperature=0.0)
+    want, want_state = generate_batch(lm, prompts, state, generation)
+    monkeypatch.setattr(model.lm, "fused_write_supported", lambda slots: slots.keys.dtype == torch.float32)
+    got, got_state = generate_batch(lm, prompts, state, generation)
+    assert [r.response for r in got] == [r.response for r in want]
+    assert [r.metrics["memory_writes"] for r in got] == [r.metrics["memory_writes"] for r in want]
+    for name, tensor in want_state.tensors().items():
+        torch.testing.assert_close(got_state.tensors()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in kept.tensors().items():
+        assert torch.equal(state.tensors()[name], tensor), f"the caller's {name} changed"
