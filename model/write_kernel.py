@@ -62,7 +62,7 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
             weights = old * scores
         else:
             sharp = tl.load(sharpness + instance)
-            ranked = tl.where(in_m, tl.where(used, scores, -1e4), float("-inf"))
+            ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
             top = tl.max(ranked, axis=0)
             picked = tl.zeros([BLOCK_M], dtype=tl.float32)
             total = 0.0
@@ -72,7 +72,7 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
                 e = tl.exp((best - top) * sharp)
                 picked = tl.where(chosen, e, picked)
                 total += e
-                ranked = tl.where(chosen, float("-inf"), ranked)
+                ranked = tl.where(chosen, -3.0e38, ranked)
             weights = tl.where(used, picked / total, 0.0)
 
         # predicted = read; surprise = |value - predicted| / (|value| + 1e-6)
@@ -100,7 +100,7 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
 
         # the weakest slot (first minimum of the decayed strengths) takes the item; budget rescale
         decayed = old * decay
-        weakest = tl.argmin(tl.where(in_m, decayed, float("inf")), axis=0)
+        weakest = tl.argmin(tl.where(in_m, decayed, 3.0e38), axis=0)
         taken = tl.where(slot == weakest, wrote, False)
         renewed = tl.where(taken, strength, decayed)
         scale = tl.minimum(budget / tl.maximum(tl.sum(tl.where(in_m, renewed, 0.0), axis=0), 1e-6), 1.0)
