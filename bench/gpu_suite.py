@@ -84,7 +84,7 @@ class Sizes:
     copy_bytes: int = 2 << 30
     matmul_n: int = 8192
     budgets: dict = dataclasses.field(default_factory=lambda: {
-        "bandwidth": 20, "checks": 60, "training": 230, "generation": 90, "sleep": 45, "bitdelta": 60})
+        "bandwidth": 20, "checks": 60, "training": 215, "generation": 120, "sleep": 45, "bitdelta": 60})
     total_budget: int = 520  # seconds; the device allows 600 per command, imports and pip come first
 
 
@@ -235,6 +235,8 @@ class GraphedDecode:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, self.out = self._step()
+        for name, tensor in state.tensors().items():  # the warm-up steps wrote the donated buffers in place
+            getattr(self.state, name).copy_(tensor)
 
     def _step(self) -> tuple[torch.Tensor, FastState]:
         return sync_free_step(self.lm, self.byte, self.state, self.learn, donate_state=True)
@@ -641,6 +643,31 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
         fn = graphed(lambda: cache.step(byte, context - 1)) if graph else (lambda: cache.step(byte, context - 1))
         return {**per_second(batch, time_ms(fn, device, warmup=2, repeat=sizes.decode_steps)), "context": context}
 
+    def fused_write(batch: int) -> dict:
+        """The Triton write alone, graphed, for every PM (then EM) instance at once, as decoding
+        calls it: users at random offsets, so about 1/span of them close a span; then with all
+        closing (a prefill row). Bytes: the closing users' slot keys and values, read once."""
+        from model.fused_write import write_slots_in_place
+        from model.lm import BLOCK_FIELDS, PM_FIELDS
+        from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace
+
+        state = warm_state(config, batch, device, seed=batch, start=context)
+        decoding = (state.pos % config.span) + 1 == config.span
+        result: dict = {"batch": batch}
+        for kind, fields in ((ProceduralMemory, PM_FIELDS), (EpisodicMemory, BLOCK_FIELDS)):
+            memories = [m for m in lm.modules() if type(m) is kind]
+            rule = kind.stacked_rule(memories)
+            tensors = [getattr(state, name) for name in fields]  # written in place: timing only
+            per_user = 2 * tensors[0][0].numel() * tensors[0].element_size()
+            for case, closes in (("decode", decoding), ("all", None)):
+                closing = batch if closes is None else int(closes.sum())
+                replay = graphed(lambda c=closes: write_slots_in_place(rule, Slots(*tensors[:3]), Trace(*tensors[3:]),
+                                                                        config.span, c))
+                timing = time_ms(replay, device, warmup=3, repeat=50)
+                result[f"{kind.__name__} {case}"] = {**timing, "closing_users": closing, "min_bytes": closing * per_user,
+                                                     "gb_s": closing * per_user / (timing["ms"] / 1000) / 1e9}
+        return result
+
     rec.data["context"] = context
     with torch.no_grad(), autocast(device):  # one autocast context: weight casts are cached across steps
         for batch in sizes.decode_batches:
@@ -651,6 +678,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
                              lambda b=batch, on=learn, g=graph: reverie(b, on, g))
                 rec.item(f"gpt-kv b={batch} {mode}", lambda b=batch, g=graph: kv_gpt(b, g))
             if cuda:
+                rec.item(f"fused_write b={batch}", lambda b=batch: fused_write(b))
                 torch.cuda.empty_cache()
 
 
@@ -901,6 +929,10 @@ def table(results: dict) -> str:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         lines.append(f"  {key:<22}{fmt(e.get('bytes_per_s_off'), '>12,.0f')}{fmt(e.get('bytes_per_s_on'), '>12,.0f')}"
                      f"{fmt(e.get('learn_on_vs_off'), '>8.2f')}{fmt(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}")
+    for name, r in results.get("generation", {}).get("items", {}).items():
+        if name.startswith("fused_write") and "error" not in r:
+            lines.append(f"  {name}: " + ", ".join(f"{case} {v['ms'] * 1000:.0f} us {v['gb_s']:.0f} GB/s"
+                                                   for case, v in r.items() if isinstance(v, dict)))
     for name, v in s.get("sleep", {}).items():
         lines.append(f"sleep {name}: {v:,.1f} interactions/s (goal {GOALS['sleep_interactions_per_s']:,.0f})")
     for name, v in s.get("bitdelta", {}).items():
