@@ -4,9 +4,10 @@ Why: decoding users sit at different offsets inside their spans, so some user's 
 most bytes, and the torch write costs ~70 small kernels per memory kind each time. It also
 rewrites every slot of every user (a `torch.where` over all of them), which at batch 256 and
 the `base` sizes is most of a decoding step's memory traffic. Here one program per (user,
-memory instance) returns at once unless that user's span ends, and otherwise reads the slots
-once, scores them, predicts the span's value, runs the neuromodulator, and stores only the
-strengths row and the one slot it writes. It has no backward: the model uses it under no_grad.
+memory instance) returns at once unless that user's span ends, and otherwise reads the slot keys
+once and the values of the slots its read weighs (EM: the top k), predicts the span's value,
+runs the neuromodulator, and stores only the strengths row and the one slot it writes. It has
+no backward: the model uses it under no_grad.
 
 On CUDA it is compiled by Triton. Under TRITON_INTERPRET=1 Triton's interpreter runs it on CPU
 tensors: that is how the tests check it against `write_slots` on machines without a GPU.
@@ -55,8 +56,11 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
         if not tensor.is_contiguous() or tensor.shape[0] != count:
             raise ValueError(f"rule.{name} must be contiguous with {count} instances, got shape {tuple(tensor.shape)}")
     writes = torch.zeros(batch, count, dtype=torch.int32, device=slots.keys.device)
+    # A program streams its user's slots alone, so each step of its loop over d should have many
+    # bytes in flight: tiles of up to 16K floats (64 KB), 32 per thread.
     block_m = _next_power_of_2(m)
-    block_d = min(_next_power_of_2(d), max(16, 4096 // block_m))  # a (block_m, block_d) tile of slots
+    block_d = min(_next_power_of_2(d), max(16, 16384 // block_m))
+    warps = max(4, min(16, block_m * block_d // 1024))
     _kernel()[(batch, count)](
         slots.keys, slots.values, slots.strengths, trace.keys, trace.values,
         writes if closes is None else closes.view(torch.uint8), writes,
@@ -65,7 +69,7 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
         *trace.keys.stride(), *trace.values.stride(),
         m, d, float(span), float(rule.decay), float(rule.budget), WRITE_THRESHOLD,
         HAS_CLOSES=closes is not None, TOPK=0 if rule.sharpness is None else rule.topk,
-        HIDDEN=hidden, BLOCK_M=block_m, BLOCK_D=block_d)
+        HIDDEN=hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     return writes.sum(1)
 
 

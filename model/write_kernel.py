@@ -79,8 +79,8 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
         miss_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, d, BLOCK_D):
             at = start + lane
-            tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,
-                           mask=in_m[:, None] & (at[None, :] < d), other=0.0)
+            tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,  # EM: only its top-k rows
+                           mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
             predicted = tl.sum(tile * weights[:, None], axis=0)
             miss = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0) / span - predicted
             miss_sq += tl.where(at < d, miss * miss, 0.0)
