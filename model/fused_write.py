@@ -1,57 +1,74 @@
-"""The memory write of `model.memory.write_slots` as one Triton kernel that works in place.
+"""The memory write of `model.memory.write_slots` as one kernel that works in place: Triton on
+CUDA (model/write_kernel.py), C++ on the CPU (model/write_kernel.cpp).
 
 Why: decoding users sit at different offsets inside their spans, so some user's span ends on
-most bytes, and the torch write costs ~70 small kernels per memory kind each time. It also
-rewrites every slot of every user (a `torch.where` over all of them), which at batch 256 and
-the `base` sizes is most of a decoding step's memory traffic. Here one program per (user,
-memory instance) returns at once unless that user's span ends, and otherwise reads the slot keys
-once and the values of the slots its read weighs (EM: the top k), predicts the span's value,
-runs the neuromodulator, and stores only the strengths row and the one slot it writes. It has
-no backward: the model uses it under no_grad.
+most bytes, and the torch write costs ~70 small kernels per memory kind each time (on a CPU,
+~0.5 ms of dispatch for the tiny model). It also rewrites every slot of every user (a
+`torch.where` over all of them), which at batch 256 and the `base` sizes is most of a decoding
+step's memory traffic. Here each (user, memory instance) is skipped unless that user's span
+ends; otherwise the kernel reads the slot keys once and the values of the slots its read weighs
+(EM: the top k), predicts the span's value, runs the neuromodulator, and stores only the
+strengths row and the one slot it writes. Neither kernel has a backward: the model uses them
+under no_grad, and the torch write everywhere else.
 
-On CUDA it is compiled by Triton. Under TRITON_INTERPRET=1 Triton's interpreter runs it on CPU
-tensors: that is how the tests check it against `write_slots` on machines without a GPU.
-Without Triton it is not used.
+The C++ kernel is compiled on first use (torch.utils.cpp_extension, ~40 s on 2 cores, then
+cached under ~/.cache/torch_extensions); where that fails (no compiler), the torch write runs.
+Under TRITON_INTERPRET=1 the Triton kernel runs on CPU tensors through `triton_write_in_place`:
+that is how the tests check it on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
 from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule
 
+log = logging.getLogger(__name__)
+
 
 def fused_write_supported(slots: Slots) -> bool:
-    """Whether `write_slots_in_place` can serve this write: float32 CUDA tensors, no autograd (the
-    kernel has no backward), and Triton installed."""
+    """Whether `write_slots_in_place` can serve this write: no autograd (the kernels have no
+    backward), and float32 CUDA tensors with Triton installed, or float CPU tensors with the C++
+    kernel built."""
     keys = slots.keys
-    return keys.is_cuda and keys.dtype == torch.float32 and not torch.is_grad_enabled() and _kernel() is not None
-
-
-@functools.cache
-def _kernel():
-    """The Triton kernel, imported on first use: Triton is optional, and slow to import."""
-    try:
-        from model.write_kernel import kernel
-    except ImportError:  # pragma: no cover - depends on the machine
-        return None
-    return kernel
+    if torch.is_grad_enabled():
+        return False
+    if keys.is_cuda:
+        return keys.dtype == torch.float32 and _triton_kernel() is not None
+    return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float64) and _cpu_kernel() is not None
 
 
 def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
                          closes: torch.Tensor | None) -> torch.Tensor:
     """`write_slots` plus the trace reset of `close_spans`, in place, for the users whose span ends.
 
-    slots: keys/values (b, n, m, d), strengths (b, n, m); trace: (b, n, d); float32, any strides
-    (views such as state.pm_k[:, :count] are fine). rule: n stacked instances. closes: (b,) bool,
-    or None for every user. Returns the writes made per user, summed over instances: (b,) int64.
+    slots: keys/values (b, n, m, d), strengths (b, n, m); trace: (b, n, d); any strides (views such
+    as state.pm_k[:, :count] are fine). rule: n stacked instances. closes: (b,) bool, or None for
+    every user. Returns the writes made per user, summed over instances: (b,) int64.
     """
-    if _kernel() is None:
-        raise RuntimeError("the fused memory write needs Triton (pip install triton); use model.memory.write_slots")
+    if slots.keys.is_cuda:
+        return triton_write_in_place(rule, slots, trace, span, closes)
+    if _cpu_kernel() is None:
+        raise RuntimeError("the CPU memory write kernel could not be built (see the log); use model.memory.write_slots")
+    return _cpu_kernel().write_slots_in_place(*slots, *trace, closes, rule.w1, rule.b1, rule.w2, rule.b2,
+                                              rule.sharpness, rule.topk, float(span), float(rule.decay),
+                                              float(rule.budget), WRITE_THRESHOLD)
+
+
+def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
+                          closes: torch.Tensor | None) -> torch.Tensor:
+    """`write_slots_in_place` through the Triton kernel (float32; CUDA, or the interpreter)."""
+    kernel = _triton_kernel()
+    if kernel is None:
+        raise RuntimeError("the fused memory write on CUDA needs Triton (pip install triton); "
+                           "use model.memory.write_slots")
     batch, count, m, d = slots.keys.shape
-    hidden = rule.w1.shape[1]
     for name, tensor in (("w1", rule.w1), ("b1", rule.b1), ("w2", rule.w2), ("b2", rule.b2)):
         if not tensor.is_contiguous() or tensor.shape[0] != count:
             raise ValueError(f"rule.{name} must be contiguous with {count} instances, got shape {tuple(tensor.shape)}")
@@ -61,7 +78,7 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
     block_m = _next_power_of_2(m)
     block_d = min(_next_power_of_2(d), max(16, 16384 // block_m))
     warps = max(4, min(16, block_m * block_d // 1024))
-    _kernel()[(batch, count)](
+    kernel[(batch, count)](
         slots.keys, slots.values, slots.strengths, trace.keys, trace.values,
         writes if closes is None else closes.view(torch.uint8), writes,
         rule.w1, rule.b1, rule.w2, rule.b2, rule.b2 if rule.sharpness is None else rule.sharpness,
@@ -69,8 +86,36 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
         *trace.keys.stride(), *trace.values.stride(),
         m, d, float(span), float(rule.decay), float(rule.budget), WRITE_THRESHOLD,
         HAS_CLOSES=closes is not None, TOPK=0 if rule.sharpness is None else rule.topk,
-        HIDDEN=hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+        HIDDEN=rule.w1.shape[1], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     return writes.sum(1)
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel, imported on first use: Triton is optional, and slow to import."""
+    try:
+        from model.write_kernel import kernel
+    except ImportError:  # pragma: no cover - depends on the machine
+        return None
+    return kernel
+
+
+@functools.cache
+def _cpu_kernel():
+    """The C++ kernel, built on first use (cached across processes), or None where it cannot be."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        if shutil.which("ninja") is None:  # the pip package's binary, when its venv is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return load(name="reverie_write_kernel", sources=[str(Path(__file__).with_name("write_kernel.cpp"))],
+                    extra_cflags=["-O3"])
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: the torch write still works
+        log.warning("the CPU memory write kernel could not be built, so memory writes use the slower torch "
+                    "ops (install a C++ compiler and ninja to speed them up): %s", str(error)[:500])
+        return None
 
 
 def _next_power_of_2(n: int) -> int:

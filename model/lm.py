@@ -244,9 +244,10 @@ class ReverieLM(nn.Module):
         most bytes.
 
         new: the state's tensors (b, n, ...), updated here. pending: each memory's last-row sums
-        (b, 1, d), by kind, in layer order. On CUDA the write runs as one fused kernel that changes
-        only the slots it writes, in place; `kept`, the caller's state unless donated, is copied
-        first where `new` still shares its tensors. Returns writes (b,) plus those made.
+        (b, 1, d), by kind, in layer order. Without autograd the write runs as one fused kernel
+        (model/fused_write.py) that changes only the slots it writes, in place; `kept`, the caller's
+        state unless donated, is copied first where `new` still shares its tensors. Returns writes
+        (b,) plus those made.
         """
         layers = [layer.procedural for block in self.blocks for layer in block.layers]
         groups = ((ProceduralMemory, layers, PM_FIELDS), (EpisodicMemory, [block.episodic for block in self.blocks],

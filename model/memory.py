@@ -396,7 +396,17 @@ def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writ
     """
     if closes is False:
         return slots, trace, writes
+    from model.fused_write import fused_write_supported, write_slots_in_place  # that module imports this one
+
     rule = memory if isinstance(memory, WriteRule) else memory.stacked_rule([memory])
+    if fused_write_supported(slots):  # one kernel, on copies: the caller's tensors stay as they were
+        one = slots.keys.dim() == 3  # one memory (b, m, d): give it the instance dim
+        copy = (lambda t: t.clone()[:, None]) if one else torch.clone  # noqa: E731
+        slots, trace = Slots(*map(copy, slots)), Trace(*map(copy, trace))
+        writes = writes + write_slots_in_place(rule, slots, trace, span, None if closes is True else closes)
+        if one:
+            slots, trace = Slots(*(t[:, 0] for t in slots)), Trace(*(t[:, 0] for t in trace))
+        return slots, trace, writes
     written, wrote = write_slots(rule, slots, trace, span, None if closes is True else closes)
     writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(1))
     if closes is True:

@@ -1,23 +1,33 @@
-"""The fused memory write (model/fused_write.py, a Triton kernel) against `write_slots`.
-
-On CPU machines the kernel runs in Triton's interpreter (tests/conftest.py switches it on); the
-GPU suite checks the compiled kernel on the device at the `base` sizes."""
+"""The fused memory writes (model/fused_write.py) against `write_slots`: the C++ kernel that CPU
+tensors take, and the Triton kernel, which runs in Triton's interpreter here (tests/conftest.py
+switches it on); the GPU suite checks the compiled Triton kernel on the device at `base` sizes."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model.fused_write
+import model.lm
+from model.config import preset
+from model.fast_state import FastState
+from model.fused_write import triton_write_in_place, write_slots_in_place
+from model.generate import GenerationConfig, generate_batch
+from model.lm import ReverieLM
 from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace, close_spans
 
-triton = pytest.importorskip("triton", reason="the fused write is a Triton kernel: pip install triton")
-from model.fused_write import write_slots_in_place  # noqa: E402
-
 SPAN = 8
+KERNELS = {
+    "cpu": write_slots_in_place,
+    "triton": pytest.param(triton_write_in_place, marks=pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="the CUDA write is a Triton kernel: pip install triton")),
+}
 
 
-def stacked_rule(kind: str, count: int, d: int):
+def stacked_rule(kind: str, count: int, d: int, dtype: torch.dtype):
     """Memories whose neuromodulators write for some spans and skip others."""
     memories = []
     for seed in range(count):
@@ -26,15 +36,16 @@ def stacked_rule(kind: str, count: int, d: int):
         with torch.no_grad():
             memory.neuromodulator.net[2].weight.normal_(0.0, 3.0)
             memory.neuromodulator.net[2].bias.fill_(0.0)
-        memories.append(memory)
+        memories.append(memory.to(dtype))
     with torch.no_grad():
         return type(memories[0]).stacked_rule(memories)
 
 
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
 @pytest.mark.parametrize("kind", ["pm", "em"])
 @pytest.mark.parametrize("batch, count, total, slots, d", [(3, 2, 3, 6, 40), (4, 3, 3, 16, 64), (5, 1, 2, 5, 300)])
 @pytest.mark.parametrize("some_close", [True, False])
-def test_the_fused_write_equals_write_slots(kind, batch, count, total, slots, d, some_close):
+def test_a_fused_write_equals_write_slots(kernel, kind, batch, count, total, slots, d, some_close):
     """Inputs are views of the first `count` of `total` instances, as the model passes them; the
     rest, and every user whose span does not end, must be left bit for bit as they were."""
     g = torch.Generator().manual_seed(batch * slots + d)
@@ -43,14 +54,14 @@ def test_the_fused_write_equals_write_slots(kind, batch, count, total, slots, d,
     strengths = torch.rand(batch, total, slots, generator=g) * (torch.rand(batch, total, slots, generator=g) < 0.5)
     trace_keys, trace_values = torch.randn(batch, total, d, generator=g), torch.randn(batch, total, d, generator=g)
     closes = torch.arange(batch) % 2 == 0 if some_close else None
-    rule = stacked_rule(kind, count, d)
+    rule = stacked_rule(kind, count, d, torch.float32)
     given = Slots(keys[:, :count], values[:, :count], strengths[:, :count])
     want_slots, want_trace, want_writes = close_spans(rule, given, Trace(trace_keys[:, :count], trace_values[:, :count]),
                                                       torch.zeros(batch, dtype=torch.long),
                                                       True if closes is None else closes, SPAN)
     state = [t.clone() for t in (keys, values, strengths, trace_keys, trace_values)]
-    writes = write_slots_in_place(rule, Slots(*(t[:, :count] for t in state[:3])),
-                                  Trace(*(t[:, :count] for t in state[3:])), SPAN, closes)
+    writes = kernel(rule, Slots(*(t[:, :count] for t in state[:3])), Trace(*(t[:, :count] for t in state[3:])), SPAN,
+                    closes)
     assert torch.equal(writes, want_writes)
     for got, want, before in zip(state, (*want_slots, *want_trace), (keys, values, strengths, trace_keys, trace_values)):
         torch.testing.assert_close(got[:, :count], want, rtol=1e-5, atol=1e-6)
@@ -59,15 +70,28 @@ def test_the_fused_write_equals_write_slots(kind, batch, count, total, slots, d,
             assert torch.equal(got[~closes], before[~closes])
 
 
-def test_a_model_with_the_fused_write_decodes_as_with_the_torch_write(monkeypatch):
-    """The model's use of the kernel: views of its state, in place only where the state is donated
-    (the caller's own state is never changed), prefill and decoding at different span offsets."""
-    import model.lm
-    from model.config import preset
-    from model.fast_state import FastState
-    from model.generate import GenerationConfig, generate_batch
-    from model.lm import ReverieLM
+@pytest.mark.parametrize("kind", ["pm", "em"])
+def test_the_cpu_kernel_equals_write_slots_in_float64(kind):
+    g = torch.Generator().manual_seed(11)
+    batch, count, slots, d = 4, 3, 7, 24
+    state = [F.normalize(torch.randn(batch, count, slots, d, generator=g, dtype=torch.float64), dim=-1),
+             torch.randn(batch, count, slots, d, generator=g, dtype=torch.float64),
+             torch.rand(batch, count, slots, generator=g, dtype=torch.float64),
+             torch.randn(batch, count, d, generator=g, dtype=torch.float64),
+             torch.randn(batch, count, d, generator=g, dtype=torch.float64)]
+    rule = stacked_rule(kind, count, d, torch.float64)
+    closes = torch.tensor([True, False, True, True])
+    want = close_spans(rule, Slots(*state[:3]), Trace(*state[3:]), torch.zeros(batch, dtype=torch.long), closes, SPAN)
+    writes = write_slots_in_place(rule, Slots(*state[:3]), Trace(*state[3:]), SPAN, closes)
+    assert torch.equal(writes, want[2])
+    for got, expected in zip(state, (*want[0], *want[1])):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
+
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
+def test_a_model_with_a_fused_write_decodes_as_with_the_torch_write(monkeypatch, kernel):
+    """The model's use of a kernel: views of its state, in place only where the state is donated
+    (the caller's own state is never changed), prefill and decoding at different span offsets."""
     torch.manual_seed(0)
     config = preset("tiny")
     lm = ReverieLM(config).eval()
@@ -77,8 +101,12 @@ def test_a_model_with_the_fused_write_decodes_as_with_the_torch_write(monkeypatc
     kept = state.clone()
     prompts = [b"one", b"a longer prompt", b"a prompt longer than one span of bytes"]
     generation = GenerationConfig(max_new_bytes=2 * config.span, temperature=0.0)
+    for module in (model.lm, model.fused_write):  # the model's end-of-call writes, and close_spans' (prefill)
+        monkeypatch.setattr(module, "fused_write_supported", lambda slots: False)
     want, want_state = generate_batch(lm, prompts, state, generation)
-    monkeypatch.setattr(model.lm, "fused_write_supported", lambda slots: slots.keys.dtype == torch.float32)
+    for module in (model.lm, model.fused_write):
+        monkeypatch.setattr(module, "fused_write_supported", lambda slots: True)
+        monkeypatch.setattr(module, "write_slots_in_place", kernel)
     got, got_state = generate_batch(lm, prompts, state, generation)
     assert [r.response for r in got] == [r.response for r in want]
     assert [r.metrics["memory_writes"] for r in got] == [r.metrics["memory_writes"] for r in want]
