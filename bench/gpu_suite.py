@@ -646,7 +646,8 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
     def fused_write(batch: int) -> dict:
         """The Triton write alone, graphed, for every PM (then EM) instance at once, as decoding
         calls it: users at random offsets, so about 1/span of them close a span; then with all
-        closing (a prefill row). Bytes: the closing users' slot keys and values, read once."""
+        closing (a prefill row). Bytes, the least any write must read: each closing user's slot
+        keys, and the value rows its read weighs (PM: all; EM: the top k)."""
         from model.fused_write import write_slots_in_place
         from model.lm import BLOCK_FIELDS, PM_FIELDS
         from model.memory import EpisodicMemory, ProceduralMemory, Slots, Trace
@@ -658,7 +659,9 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
             memories = [m for m in lm.modules() if type(m) is kind]
             rule = kind.stacked_rule(memories)
             tensors = [getattr(state, name) for name in fields]  # written in place: timing only
-            per_user = 2 * tensors[0][0].numel() * tensors[0].element_size()
+            instances, slots, d = tensors[0].shape[1:]
+            rows = slots if kind is ProceduralMemory else config.em_topk
+            per_user = instances * (slots + rows) * d * tensors[0].element_size()
             for case, closes in (("decode", decoding), ("all", None)):
                 closing = batch if closes is None else int(closes.sum())
                 replay = graphed(lambda c=closes: write_slots_in_place(rule, Slots(*tensors[:3]), Trace(*tensors[3:]),
