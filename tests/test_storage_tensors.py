@@ -144,3 +144,17 @@ def test_episodic_keys_and_metadata_must_pair_up(store: Store) -> None:
         save_episodic_index(store, "episodic/x.safetensors", np.zeros((3, 4), np.float32), [{}])
     with pytest.raises(ValueError, match="NaN"):
         save_episodic_index(store, "episodic/x.safetensors", np.full((1, 4), np.nan, np.float32), [{}])
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.int64, torch.bool), (torch.bfloat16, torch.float32)])
+def test_packed_tensors_are_the_bytes_the_torch_writer_makes(dtypes) -> None:
+    """pack_tensors takes safetensors' faster numpy writer where it can; blobs must not change."""
+    from safetensors.torch import save as torch_save
+
+    from storage.blobs import _meta_header, pack_tensors, unpack_tensors
+
+    tensors = {f"t{i}": (torch.arange(12) % 3).to(dtype).reshape(3, 4) for i, dtype in enumerate(dtypes)}
+    packed = pack_tensors(tensors, {"base_version": "v1"})
+    assert packed == torch_save(tensors, metadata=_meta_header({"base_version": "v1"}))
+    loaded, meta = unpack_tensors(packed, "test")
+    assert meta == {"base_version": "v1"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
