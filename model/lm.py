@@ -152,7 +152,7 @@ class ReverieLM(nn.Module):
         user's bytes when users of different lengths come right-padded to T (None: T each); each
         user's state then moves by its own bytes only, and its logits past them are padding.
         donate_state=True: the caller will not use `state` again, so a memory write may change its
-        tensors in place rather than copy them (the fused CUDA write touches only the slots it writes).
+        tensors in place rather than copy them (the fused write touches only the slots it writes).
         Returns logits (b, T, 256) and the new FastState.
         """
         self._check_tokens(tokens)
@@ -229,7 +229,7 @@ class ReverieLM(nn.Module):
         for name, replaced in rows.items():
             new[name] = _replace_rows(new[name], replaced)
         if learn:
-            writes = self._close_last_spans(new, pending, plan.closes[-1], writes, state if not donate_state else None)
+            writes = self._close_last_spans(new, pending, plan.closes[-1], writes, None if donate_state else state)
         new["wm_k"], new["wm_v"], new["wm_pos"] = wm
         new["pos"] = state.pos + (tokens.shape[1] if lengths is None else lengths)
         new["writes"] = writes
