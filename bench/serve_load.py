@@ -2,10 +2,11 @@
 
 Each simulated user sends turns back to back (a closed loop); learn on and learn off alternate in
 `--rounds` rounds of `--seconds` each, so a change in machine load hits both alike; learn_on
-writes and saves the user's fast memory every turn, learn_off reads it and writes nothing. Both
+writes the user's fast memory every turn (and saves it behind the replies, at most every
+`--save-interval-s` per user), learn_off reads it and writes nothing. Both
 phases log every turn to the experience log. Reports requests/s, p50/p99 latency and generated
 bytes/s per phase and ratio = learn_on / learn_off bytes/s. ANCHORS.md: Serve itself adds ~1-2 ms
-per request, so on the tiny preset the model and the per-turn state save dominate.
+per request, so on the tiny preset the model and the state saves dominate.
 
 Writes bench/results/serve_load.json (section "cpu"; `--device cuda` on the lent GPU writes the
 section "gpu") and prints a table.
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=None,
                         help="how long a batch waits to fill (default: workers.serving.BATCH_WAIT_TIMEOUT_S)")
+    parser.add_argument("--save-interval-s", type=float, default=None,
+                        help="how often a user's fast state is saved at most (default: ServingConfig's; 0: every turn)")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--device", default="cpu", help="where replicas run the model: cpu or cuda")
@@ -109,16 +112,19 @@ def main() -> None:
     from ray import serve
 
     from workers.serving import BATCH_WAIT_TIMEOUT_S, build_app
+    from workers.serving_engine import ServingConfig
 
     if args.batch_wait_timeout_s is None:
         args.batch_wait_timeout_s = BATCH_WAIT_TIMEOUT_S
+    if args.save_interval_s is None:
+        args.save_interval_s = ServingConfig().save_interval_s
 
     with tempfile.TemporaryDirectory() as data_root:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app({"data_root": data_root, "preset": args.preset, "num_replicas": args.replicas,
                              "max_batch_size": args.max_batch_size, "device": args.device,
-                             "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                             "batch_wait_timeout_s": args.batch_wait_timeout_s, "save_interval_s": args.save_interval_s,
                              "num_gpus": args.gpus_per_replica if gpu else 0}), name="reverie", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}"
         try:
@@ -136,7 +142,8 @@ def main() -> None:
     section = {
         "preset": args.preset, "users": args.users, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "max_new_bytes": args.max_new_bytes, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s, "gpus_per_replica": args.gpus_per_replica if gpu else 0,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s, "save_interval_s": args.save_interval_s,
+        "gpus_per_replica": args.gpus_per_replica if gpu else 0,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},

@@ -7,13 +7,15 @@ batches; everything here runs (and is tested) in a plain process.
 Durability contract (what a crash can lose):
 - The experience log is flushed after every batch, before the replies are sent: a turn whose
   client saw a reply is in the log, so the night's sleep learns it whatever happens next.
-- A user's FastState is saved to the fast-state store after every turn that learned, in the
-  background (write-behind, an fsynced write per user on a thread pool): the save of one batch
-  overlaps the computing of the next, off the replies' path (bench/serve_load.py measures what
-  learning still costs). A replica that dies therefore loses the fast-memory updates whose saves
-  were still in flight: the last turn of the users of about the last batch (well under a second;
-  their turns are in the log). Saves of one user are ordered; `flush` waits for a user's save,
-  and `GET /v1/users/{id}` reports only saved state.
+- A user's FastState is saved to the fast-state store behind the replies, at most once per
+  `save_interval_s` (default 1 s) per user, with their newest state (workers/state_saver.py:
+  a user idle for longer is saved right after the turn; one who takes several turns within the
+  interval is saved once). Saving every turn cost two atomic writes per user and turn on the cores
+  that serve (bench/serve_load.py measures what learning still costs). A replica that dies
+  therefore loses at most the last `save_interval_s` of its users' fast-memory updates, plus the
+  saves in flight; their turns are in the log, so the night's sleep still learns them.
+  `save_interval_s: 0` saves after every turn. Saves of one user land in order; `flush` saves a
+  user's pending state at once and waits, and `GET /v1/users/{id}` reports only saved state.
 - The in-memory LRU caches the saved states. Each user's turn count is also written to a small
   marker (`serving/turns/<user>.json`), read on every turn: if Serve ever routes a user to a
   second replica, the first one notices its cached copy is stale and reloads it from the store,
@@ -31,14 +33,12 @@ sleep that distilled into the search's best genome) starts every state empty ins
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from storage.experience import ExperienceRecord, ExperienceWriter, WriterConfig
 from storage.fast_states import FastStateStore
 from storage.uri import Store, encode_component, open_store
 from workers.serving_api import GenerateRequest, ServingLimits, generate_response
+from workers.state_saver import PendingSave, StateSaver
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class ServingConfig:
     data_root: str | None = None  # None: REVERIE_DATA (StorageConfig.from_env)
     preset: str = "tiny"  # model for a fresh registry, when no trained checkpoint exists
     users_per_replica: int = 256  # LRU bound on resident fast states
+    save_interval_s: float = 1.0  # a user's fast state is saved at most this often (0: after every turn)
+    save_threads: int = 2  # threads saving states behind the replies (more for a slow store, e.g. S3)
     poll_interval_s: float = 0.5  # how often the registry's `current` is checked
     soft_reset_keep: float = 0.5  # memory strength kept across a promotion
     delta_ttl_s: float = 10.0  # how long a user's (absent) delta lookup is cached
@@ -154,15 +157,15 @@ class UserStates:
 
     MARKERS = "serving/turns"
 
-    def __init__(self, store: Store, capacity: int, device: str = "cpu", save_threads: int = 8) -> None:
+    def __init__(self, store: Store, capacity: int, device: str = "cpu", save_interval_s: float = 1.0,
+                 save_threads: int = 2) -> None:
         if capacity < 1:
             raise ValueError(f"users_per_replica must be >= 1, got {capacity}")
         self.store = store
         self.states = FastStateStore(store)
         self.capacity = capacity
         self.device = device
-        self._savers = ThreadPoolExecutor(save_threads, thread_name_prefix="fast-state-save")
-        self._saving: dict[str, Future] = {}  # user -> their latest save, not yet known to be done
+        self.saver = StateSaver(self._save, save_interval_s, save_threads)
         self._slots: OrderedDict[str, UserSlot] = OrderedDict()
         self.loads = 0  # reads of a state from the store (cache misses and stale copies)
 
@@ -186,13 +189,13 @@ class UserStates:
     def get(self, user_id: str, config: ModelConfig, version: str, keep: float) -> UserSlot:
         """The user's slot, loaded from the store on a miss or when the cached copy is stale."""
         slot = self._slots.get(user_id)
-        if slot is None or (not self._in_flight(user_id) and slot.turns != self._stored_turns(user_id)):
+        if slot is None or (not self.saver.busy(user_id) and slot.turns != self._stored_turns(user_id)):
             self.flush(user_id)
             slot = self._load(user_id, config, version)
             self._slots[user_id] = slot
         self._slots.move_to_end(user_id)
         while len(self._slots) > self.capacity:
-            self._slots.popitem(last=False)  # already saved: eviction only drops the copy
+            self._slots.popitem(last=False)  # its newest state is saved or pending in the saver: only the copy goes
         if slot.version != version:
             slot.state = slot.state.after_promotion(config, keep)
             slot.version = version
@@ -213,60 +216,29 @@ class UserStates:
         state = state.to(self.device)
         return UserSlot(user_id, state, str(meta["base_version"]), int(meta.get("turns", 0)))
 
-    def _in_flight(self, user_id: str) -> bool:
-        saving = self._saving.get(user_id)
-        return saving is not None and not saving.done()
-
-    def _save(self, user_id: str, state: FastState, version: str, turns: int, previous: Future | None) -> None:
-        if previous is not None:
-            previous.exception()  # wait: saves of one user land in order (an earlier failure is logged there)
-        tensors = {k: v.detach().contiguous() for k, v in state.tensors().items()}
-        self.states.save(user_id, tensors, {"base_version": version, "turns": turns})
-        self.store.write_bytes(self._marker(user_id), json.dumps({"turns": turns}).encode())
+    def _save(self, user_id: str, pending: PendingSave) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in pending.state.tensors().items()}
+        self.states.save(user_id, tensors, {"base_version": pending.version, "turns": pending.turns})
+        self.store.write_bytes(self._marker(user_id), json.dumps({"turns": pending.turns}).encode())
 
     def save_behind(self, slots: list[UserSlot], on_host: FastState) -> None:
-        """Start saving each slot as it is now, on the save threads (fsync releases the GIL), and return.
+        """Hand each slot as it is now to the saver (coalesced per user; see workers.state_saver) and return.
         on_host: the slots' states as one batch in CPU memory (one device-to-host copy per batch, made
         by the caller; save threads copying rows from a GPU would queue behind the next batch's kernels)."""
         for i, slot in enumerate(slots):
-            saving = self._savers.submit(self._save, slot.user_id, on_host.rows(slice(i, i + 1)), slot.version,
-                                         slot.turns, self._saving.get(slot.user_id))
-            saving.add_done_callback(functools.partial(self._saved, slot.user_id))
-            self._saving[slot.user_id] = saving
-        if len(self._saving) > self.capacity:  # keep the bookkeeping bounded: finished saves were logged
-            for user in [user for user, saving in self._saving.items() if saving.done()]:
-                del self._saving[user]
-
-    def _saved(self, user_id: str, saving: Future) -> None:
-        if saving.exception() is not None:
-            log.error("saving the fast state of %r failed; its last turns live only in this replica's memory "
-                      "until the next save: %s", user_id, saving.exception())
+            self.saver.submit(slot.user_id, PendingSave(on_host.rows(slice(i, i + 1)), slot.version, slot.turns))
 
     def flush(self, user_id: str | None = None) -> None:
-        """Wait until the user's saves (or everyone's) are done; raises the error of a failed one (once)."""
-        errors = []
-        for user in [user_id] if user_id is not None else list(self._saving):
-            saving = self._saving.get(user)
-            if saving is None:
-                continue
-            error = saving.exception()  # waits
-            if self._saving.get(user) is saving:
-                del self._saving[user]
-            if error is not None:
-                errors.append(error)
-        if errors:
-            raise errors[-1]
+        """Save the user's (or everyone's) pending state now and wait; raises the error of a failed save (once)."""
+        self.saver.flush(user_id)
 
     def close(self) -> None:
-        """Wait for saves in flight and stop the save threads."""
-        self._savers.shutdown()
+        """Save what is pending and stop the save threads."""
+        self.saver.close()
 
     def reset(self, user_id: str) -> None:
         """Forget the user everywhere: the resident copy, the stored state, the marker."""
-        try:
-            self.flush(user_id)
-        except Exception:  # noqa: BLE001 - the state is being deleted: a failed save of it no longer matters
-            pass
+        self.saver.discard(user_id)
         self._slots.pop(user_id, None)
         self.states.delete(user_id)
         self.store.delete(self._marker(user_id))
@@ -298,7 +270,8 @@ class ServingEngine:
         self.version = ""
         self.model: ReverieLM | None = None
         self._load_version(ensure_current_version(self.registry, storage, config.preset))
-        self.states = UserStates(self.store, config.users_per_replica, config.device)
+        self.states = UserStates(self.store, config.users_per_replica, config.device, config.save_interval_s,
+                                 config.save_threads)
         self._checked_at = time.monotonic()
         self.served = {"batches": 0, "requests": 0, "busy_s": 0.0}  # since start: batch sizes and utilisation
 
