@@ -15,6 +15,8 @@ their spans (`SpanPlan` lines their spans up). `run_over_spans_reference` is the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -250,6 +252,26 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     return Slots(keys, values, strengths * scale), writes.long()
 
 
+_autograd_write = write_slots  # what `close_spans` runs where the fused kernels cannot: see compiled_writes
+
+
+@contextmanager
+def compiled_writes(enabled: bool = True, backend: str = "inductor") -> Iterator[None]:
+    """Inside: the writes that need autograd (training; the fused kernels have no backward) run
+    through `torch.compile(write_slots)`, whose forward and backward are a few fused kernels
+    instead of ~100 and ~180 small tensor ops, for each of the (spans x memories) writes of a
+    training step. One compile per shape (PM and EM of a preset), shared by every layer. Process-
+    wide while inside, like the compiled function itself; enabled=False changes nothing."""
+    global _autograd_write
+    previous = _autograd_write
+    if enabled:
+        _autograd_write = torch.compile(write_slots, fullgraph=True, dynamic=False, backend=backend)
+    try:
+        yield
+    finally:
+        _autograd_write = previous
+
+
 class SlotMemory(nn.Module):
     """Write rule shared by PM and EM; subclasses define how a read combines slots."""
 
@@ -368,12 +390,13 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         query_grid = plan.fold(queries)  # (b, S, P, d)
         key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
     snapshots = []
+    rule = memory.stacked_rule([memory]) if plan.rows > 1 or close_last else None  # once: its stacks are ops too
     for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
         if row == plan.rows - 1 and not close_last:
             break
         trace = Trace(trace.keys + key_sums[:, row], trace.values + value_sums[:, row])
-        slots, trace, writes = close_spans(memory, slots, trace, writes, closes, span)
+        slots, trace, writes = close_spans(rule, slots, trace, writes, closes, span)
     if close_last:
         pending = None
     else:  # the slices are skipped when there is one row: decoding runs this for every memory and byte
@@ -407,7 +430,7 @@ def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writ
         if one:
             slots, trace = Slots(*(t[:, 0] for t in slots)), Trace(*(t[:, 0] for t in trace))
         return slots, trace, writes
-    written, wrote = write_slots(rule, slots, trace, span, None if closes is True else closes)
+    written, wrote = _autograd_write(rule, slots, trace, span, None if closes is True else closes)
     writes = writes + (wrote if wrote.dim() == 1 else wrote.sum(1))
     if closes is True:
         return written, Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values)), writes

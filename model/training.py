@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from model.corpus import Corpus, as_tensor, random_batch, sequential_batches
 from model.lm import ReverieLM, bits_per_byte
+from model.memory import compiled_writes
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda when available
     amp: bool = True  # bf16 autocast on GPU; memory math stays float32 inside the model
     compile: bool = False
+    compile_writes: bool = False  # torch.compile the memory writes' forward and backward (model.memory.compiled_writes)
     eval_batches: int = 8
     seed: int = 0
     progress: bool = True
@@ -96,33 +98,34 @@ def train(model: ReverieLM, corpus: Corpus, config: TrainConfig) -> TrainResult:
     data = as_tensor(corpus.train)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if config.compile else model
-    losses: list[float] = []
-    started = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train", unit="step", disable=not config.progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        inputs, targets = random_batch(data, config.batch_size, config.seq_len, generator)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, config.amp):
-            logits, _ = forward(inputs)
-            loss = bits_per_byte(logits, targets)
-            if config.early_exit_weight and model.config.n_layers > 1:
-                depth = int(torch.randint(1, model.config.n_layers, (1,), generator=generator))
-                exit_logits, _ = forward(inputs, active_layers=depth)
-                loss = loss + config.early_exit_weight * bits_per_byte(exit_logits, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --compile")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if step % 10 == 0 or step == config.steps - 1:
-            losses.append(loss.item())
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(bpb=f"{losses[-1]:.3f}",
-                            bytes_s=f"{(step + 1) * config.batch_size * config.seq_len / elapsed:,.0f}")
-    seconds = time.perf_counter() - started
+    with compiled_writes(config.compile_writes):
+        losses: list[float] = []
+        started = time.perf_counter()
+        bar = tqdm(range(config.steps), desc="train", unit="step", disable=not config.progress)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            inputs, targets = random_batch(data, config.batch_size, config.seq_len, generator)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast(device, config.amp):
+                logits, _ = forward(inputs)
+                loss = bits_per_byte(logits, targets)
+                if config.early_exit_weight and model.config.n_layers > 1:
+                    depth = int(torch.randint(1, model.config.n_layers, (1,), generator=generator))
+                    exit_logits, _ = forward(inputs, active_layers=depth)
+                    loss = loss + config.early_exit_weight * bits_per_byte(exit_logits, targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --compile")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if step % 10 == 0 or step == config.steps - 1:
+                losses.append(loss.item())
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(bpb=f"{losses[-1]:.3f}",
+                                bytes_s=f"{(step + 1) * config.batch_size * config.seq_len / elapsed:,.0f}")
+        seconds = time.perf_counter() - started
     heldout = evaluate_bpb(model, corpus.heldout, config.seq_len, config.batch_size,
                            config.eval_batches, config.amp)
     return TrainResult(steps=config.steps, final_loss_bpb=losses[-1] if losses else float("nan"),
