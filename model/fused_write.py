@@ -80,7 +80,7 @@ def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int
     warps = max(4, min(16, block_m * block_d // 1024))
     kernel[(batch, count)](
         slots.keys, slots.values, slots.strengths, trace.keys, trace.values,
-        writes if closes is None else closes.view(torch.uint8), writes,
+        writes if closes is None else closes.to(torch.uint8), writes,  # not a view: inductor cannot lower bool views
         rule.w1, rule.b1, rule.w2, rule.b2, rule.b2 if rule.sharpness is None else rule.sharpness,
         *slots.keys.stride(), *slots.values.stride(), *slots.strengths.stride(),
         *trace.keys.stride(), *trace.values.stride(),
