@@ -61,6 +61,7 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
                                               float(rule.budget), WRITE_THRESHOLD)
 
 
+@torch.compiler.disable  # launched as is inside a compiled step: inductor retypes its float arguments as fp64
 def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
                           closes: torch.Tensor | None) -> torch.Tensor:
     """`write_slots_in_place` through the Triton kernel (float32; CUDA, or the interpreter)."""

@@ -390,12 +390,16 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         query_grid = plan.fold(queries)  # (b, S, P, d)
         key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
     snapshots = []
-    rule = memory.stacked_rule([memory]) if plan.rows > 1 or close_last else None  # once: its stacks are ops too
+    writes_rows = plan.rows > 1 or close_last  # else (decoding) the loop below writes nothing
+    rule = memory.stacked_rule([memory]) if writes_rows else None  # once: its stacks are ops too
+    # Rows by unbind, not by indexing: the backward of one unbind is one stack, where each index's
+    # would fill and add a gradient the size of all rows (rows x memories times a training step).
+    key_rows, value_rows = (key_sums.unbind(1), value_sums.unbind(1)) if writes_rows else ((), ())
     for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
         if row == plan.rows - 1 and not close_last:
             break
-        trace = Trace(trace.keys + key_sums[:, row], trace.values + value_sums[:, row])
+        trace = Trace(trace.keys + key_rows[row], trace.values + value_rows[row])
         slots, trace, writes = close_spans(rule, slots, trace, writes, closes, span)
     if close_last:
         pending = None
