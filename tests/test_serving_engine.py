@@ -113,3 +113,19 @@ def test_dense_personal_delta_written_by_a_sleep_is_served_to_its_owner_only(eng
     assert bob["response_b64"] == expected["response_b64"]
     assert ann["response_b64"] != expected["response_b64"]
     assert torch.equal(weights(engine.model)["embed.weight"], base["embed.weight"])  # removed again
+
+
+def test_turns_within_the_save_interval_are_saved_once_and_user_info_saves_at_once(tmp_path):
+    engine = ServingEngine(ServingConfig(data_root=str(tmp_path), save_interval_s=60.0))
+    try:
+        stored_turns = lambda: engine.states.states.load("ann")[1]["turns"]  # noqa: E731
+        engine.serve_batch([turn("ann")])  # not saved within the interval: saved right behind the reply
+        engine.states.saver.flush("ann")
+        saves = engine.states.saver.saves
+        engine.serve_batch([turn("ann", b"and 1234")])
+        engine.serve_batch([turn("ann", b"and 5678")])
+        assert stored_turns() == 1 and engine.states.saver.busy("ann")  # coalescing: held for the interval
+        assert engine.user_info("ann")["turns"] == 3  # reports saved state, so it saves now
+        assert stored_turns() == 3 and engine.states.saver.saves == saves + 1
+    finally:
+        engine.close()
