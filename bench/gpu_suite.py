@@ -86,7 +86,7 @@ class Sizes:
     copy_bytes: int = 2 << 30
     matmul_n: int = 8192
     budgets: dict = dataclasses.field(default_factory=lambda: {
-        "bandwidth": 20, "checks": 90, "training": 215, "generation": 180, "sleep": 45, "bitdelta": 60})
+        "bandwidth": 20, "checks": 90, "training": 215, "generation": 180, "sleep": 150, "bitdelta": 60})
     total_budget: int = 520  # seconds; the device allows 600 per command, imports and pip come first
 
 
@@ -298,23 +298,6 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
-
-
-def compile_parts(lm: ReverieLM, backend: str = "inductor") -> None:
-    """torch.compile the per-layer pieces around the span loop (norms, mixer, feed-forward, the
-    batched memory reads, the episodic queries, the working memory); with `compiled_writes` and a
-    CUDA graph around the step, what stays eager is only the loop's glue. Layers of one shape
-    share the compiled code."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in lm.blocks:
-        for layer in block.layers:
-            for module in (layer.mix_norm, layer.mixer, layer.ff_norm, layer.ff):
-                module.compile(backend=backend)
-            layer.procedural.read = torch.compile(layer.procedural.read, backend=backend)
-        block.em_norm.compile(backend=backend)
-        block.episodic.read = torch.compile(block.episodic.read, backend=backend)
-        block.episodic.queries = torch.compile(block.episodic.queries, backend=backend)
-    lm.working_memory.compile(backend=backend)
 
 
 def scan_backend(device: torch.device) -> str:
@@ -535,7 +518,7 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         if variant == "gpt-compile":
             forward = torch.compile(net)
         elif variant == "reverie-graph-compiled":
-            compile_parts(net)
+            net.compile_layers()
         cuda = device.type == "cuda"
         graph = variant.startswith("reverie-graph")
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda, capturable=graph)
@@ -578,8 +561,8 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     rec.data["scan_backend"] = scan_backend(device)
     # Most telling first: the section's budget may end before the last. reverie-graph-compiled:
-    # parts and writes compiled, then the whole step graphed (compiling parts without the graph,
-    # session 3: 19.9K bytes/s, host-bound). The eager variants run last.
+    # layers (`compile_layers`) and writes compiled, then the whole step graphed (compiled pieces
+    # without the graph, session 3: 19.9K bytes/s, host-bound). The eager variants run last.
     variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph-compiled-writes", "reverie-graph",
                  "reverie-eager-compiled-writes", "reverie-eager"] if device.type == "cuda" else ["gpt-eager", "reverie-eager"])
     for variant in variants:
@@ -743,12 +726,13 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
-    def shared_bulk() -> dict:
+    def shared_bulk(compile: bool = False) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
-        interaction counts as consolidated once its bytes have been replayed once."""
+        interaction counts as consolidated once its bytes have been replayed once. compile:
+        SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run)."""
         batch, seq_len = sizes.sleep_bulk
         texts = [interaction() for _ in range(4096)]
-        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len)
+        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile)
         step_s = run(bulk, texts, sizes.sleep_steps)
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
@@ -759,6 +743,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     rec.item("per_user_night", per_user_night)
     rec.item("shared_bulk", shared_bulk)
+    if device.type == "cuda":
+        rec.item("shared_bulk compiled", lambda: shared_bulk(compile=True), min_left_s=60)
 
 
 def section_bitdelta(sizes: Sizes, device: torch.device, rec: Recorder) -> None:

@@ -74,6 +74,7 @@ class SleepConfig:
     architecture_steps: int = 600  # shared steps of a night that changes the architecture (`architecture_night`)
     personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
     amp: bool = True  # bf16 autocast on CUDA, as training; memory math stays float32 inside the model
+    compile: bool = False  # torch.compile the student's and teacher's layers (ReverieLM.compile_layers)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -231,6 +232,10 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     student.to(device).train()
+    if config.compile:
+        for model in (getattr(student, "module", student), teacher):  # DDP wraps the student's module
+            if model is not None:
+                model.compile_layers()
     anchor = {n: p.detach().clone() for n, p in student.named_parameters()} if config.anchor else None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
