@@ -15,6 +15,7 @@ their spans (`SpanPlan` lines their spans up). `run_over_spans_reference` is the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -265,11 +266,17 @@ def compiled_writes(enabled: bool = True, backend: str = "inductor") -> Iterator
     global _autograd_write
     previous = _autograd_write
     if enabled:
-        _autograd_write = torch.compile(write_slots, fullgraph=True, dynamic=False, backend=backend)
+        _autograd_write = _compiled_write(backend)
     try:
         yield
     finally:
         _autograd_write = previous
+
+
+@functools.cache
+def _compiled_write(backend: str):
+    """One compiled write per backend for the process: a new torch.compile wrapper would compile again."""
+    return torch.compile(write_slots, fullgraph=True, dynamic=False, backend=backend)
 
 
 class SlotMemory(nn.Module):
