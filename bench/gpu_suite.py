@@ -61,6 +61,7 @@ from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput
+TRAIN_VARIANTS: list[str] = []  # --train-variants: the training variants to run (empty: all)
 GOALS = {"training_ratio": 1.0, "training_mfu": 0.40, "learn_on_vs_off": 0.9, "reverie_vs_kv_gpt": 3.0,
          "sleep_interactions_per_s": 1e6 / 600, "bitdelta_fraction_of_copy": 0.5}
 
@@ -517,7 +518,7 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         net.to(device)
         if variant == "gpt-compile":
             forward = torch.compile(net)
-        elif variant == "reverie-graph-compiled":
+        elif variant.startswith("reverie-graph-compiled") and not variant.endswith("writes"):
             net.compile_layers()
         cuda = device.type == "cuda"
         graph = variant.startswith("reverie-graph")
@@ -532,7 +533,8 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             optimizer.step()
             return loss.detach()
 
-        with compiled_writes(variant.endswith(("compiled-writes", "compiled"))):  # compiled on the first step, then captured
+        loops = variant.endswith("compiled-loops")  # each memory's write loop as one compiled function
+        with compiled_writes(variant.endswith(("compiled-writes", "compiled")) or loops, loops=loops):  # compiled on the first step, then captured
             started = time.perf_counter()
             if graph:
                 step, first_loss = graphed_train_step(net, optimizer, data, device)
@@ -563,9 +565,12 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     # Most telling first: the section's budget may end before the last. reverie-graph-compiled:
     # layers (`compile_layers`) and writes compiled, then the whole step graphed (compiled pieces
     # without the graph, session 3: 19.9K bytes/s, host-bound). The eager variants run last.
-    variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph-compiled-writes", "reverie-graph",
-                 "reverie-eager-compiled-writes", "reverie-eager"] if device.type == "cuda" else ["gpt-eager", "reverie-eager"])
+    variants = (["gpt-compile", "reverie-graph-compiled-loops", "reverie-graph-compiled", "reverie-graph-compiled-writes",
+                 "reverie-graph", "reverie-eager-compiled-writes", "reverie-eager"] if device.type == "cuda"
+                else ["gpt-eager", "reverie-eager"])
     for variant in variants:
+        if TRAIN_VARIANTS and variant not in TRAIN_VARIANTS:
+            continue
         rec.item(variant, lambda v=variant: measure(v), min_left_s=20 if device.type == "cuda" else 3)
 
 
@@ -839,7 +844,7 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.json"
         command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
-                   "--deadline", str(time.time() + timeout)]
+                   "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS)]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()
@@ -959,11 +964,23 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, every section")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument("--out", help="JSON path (default bench/results/gpu.json, or gpu_smoke.json with --smoke)")
+    parser.add_argument("--train-variants", default="",
+                        help="comma-separated training variants to run (default: all), e.g. gpt-compile,reverie-graph-compiled")
+    parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
+                        help="a section's time budget (repeatable); the total budget grows to match")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
+    for setting in args.budget:
+        name, _, seconds = setting.partition("=")
+        if name not in SECTIONS or not seconds.isdigit():
+            parser.error(f"--budget takes SECTION=SECONDS with a section of {sorted(SECTIONS)}, got {setting!r}")
+        extra = int(seconds) - sizes.budgets[name]
+        sizes = dataclasses.replace(sizes, budgets={**sizes.budgets, name: int(seconds)},
+                                    total_budget=sizes.total_budget + max(0, extra))
+    TRAIN_VARIANTS.extend(filter(None, args.train_variants.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.section:  # child: one section
         torch.backends.cuda.matmul.allow_tf32 = True

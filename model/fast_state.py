@@ -91,8 +91,8 @@ class FastState:
     @staticmethod
     def cat(states: list["FastState"]) -> "FastState":
         """Stack several users' states into one batch."""
-        names = states[0].tensors().keys()
-        return FastState(**{n: torch.cat([s.tensors()[n] for s in states]) for n in names})
+        columns = zip(*(s.tensors().values() for s in states))
+        return FastState(**{name: torch.cat(parts) for name, parts in zip(states[0].tensors(), columns)})
 
     def soft_reset(self, keep: float) -> "FastState":
         """Decay memory strengths by `keep` after a sleep: what they held now lives in weights."""

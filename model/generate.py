@@ -34,19 +34,19 @@ class Generation:
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (b, 256) -> bytes (b,)."""
+    """logits (b, 256) -> bytes (b,) as uint8: bytes by construction, so the model need not check them."""
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1).to(torch.uint8)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(torch.uint8)
 
 
-def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bool
+def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bool, positions: list[int]
              ) -> tuple[torch.Tensor, FastState, list[float]]:
     """Read the prompts together, right-padded to the longest, in chunks of max_seq_len; every
     prompt must have bytes in every chunk (`_prefill_groups`). Users may be at any span phase.
 
-    -> last logits (b, 256), state, each prompt's surprise in bits/byte.
+    positions: `state.pos` as a list. -> last logits (b, 256), state, each prompt's surprise in bits/byte.
     """
     device = state.pos.device
     lengths = [len(p) for p in prompts]
@@ -62,7 +62,8 @@ def _prefill(model: ReverieLM, prompts: list[bytes], state: FastState, learn: bo
             nll -= torch.log_softmax(logits.float(), -1).gather(-1, chunk[:, :1])[:, 0].double()
             counted += 1
         chunk_lengths = [min(n - start, chunk.shape[1]) for n in lengths]
-        out, state = model(chunk, state, learn=learn, lengths=chunk_lengths)
+        out, state = model(chunk, state, learn=learn, lengths=chunk_lengths, positions=positions)
+        positions = [p + n for p, n in zip(positions, chunk_lengths)]
         own = torch.tensor(chunk_lengths, device=device)
         predicted = torch.arange(chunk.shape[1] - 1, device=device) < (own - 1)[:, None]  # targets that are bytes
         log_probs = torch.log_softmax(out[:, :-1].float(), dim=-1).gather(-1, chunk[:, 1:, None])[..., 0]
@@ -82,11 +83,20 @@ def _prefill_groups(prompts: list[bytes], max_seq_len: int) -> list[list[int]]:
     return list(groups.values())
 
 
+def _unshared(state: FastState, given: FastState) -> FastState:
+    """`state` with copies of the tensors it shares with `given` (those a forward left unchanged)."""
+    given_tensors = given.tensors()
+    return FastState(**{name: tensor.clone() if tensor is given_tensors[name] else tensor
+                        for name, tensor in state.tensors().items()})
+
+
 @torch.no_grad()
 def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, config: GenerationConfig
                    ) -> tuple[list[Generation], FastState]:
     """One reply per user. Prompts are read in batches of users they can share (`_prefill_groups`);
-    replies are decoded for all users together."""
+    replies are decoded for all users together. The decoding loop keeps the users' positions on the
+    host and reads the sampled bytes back once at the end (each step, with a `stop_byte`), so its
+    steps queue on a GPU without waiting for each other."""
     if len(prompts) != state.batch_size:
         raise ValueError(f"{len(prompts)} prompts for a FastState of {state.batch_size} users")
     if any(len(p) == 0 for p in prompts):
@@ -94,29 +104,47 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
     started = time.perf_counter()
     generator = torch.Generator(device=state.pos.device).manual_seed(config.seed) if config.seed is not None else None
     writes_before = state.writes.clone()
-    rows: list[FastState | None] = [None] * len(prompts)
-    last_logits: list[torch.Tensor | None] = [None] * len(prompts)
-    surprises = [0.0] * len(prompts)
-    for group in _prefill_groups(prompts, model.config.max_seq_len):
-        logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn)
-        for j, i in enumerate(group):
-            rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]
-    state = FastState.cat(rows)  # a new batch, owned here: the decoding steps may donate it
-    logits = torch.stack(last_logits)
+    positions = state.pos.tolist()
+    groups = _prefill_groups(prompts, model.config.max_seq_len)
+    if len(groups) == 1:  # the common case: everyone in one batch, in order
+        logits, read, surprises = _prefill(model, prompts, state, config.learn, positions)
+        state = _unshared(read, state)
+    else:
+        rows: list[FastState | None] = [None] * len(prompts)
+        last_logits: list[torch.Tensor | None] = [None] * len(prompts)
+        surprises = [0.0] * len(prompts)
+        for group in groups:
+            logits, read, surprise = _prefill(model, [prompts[i] for i in group], state.rows(group), config.learn,
+                                              [positions[i] for i in group])
+            for j, i in enumerate(group):
+                rows[i], last_logits[i], surprises[i] = read.rows(slice(j, j + 1)), logits[j], surprise[j]
+        state = FastState.cat(rows)
+        logits = torch.stack(last_logits)
+    # `state` is now a batch no caller holds: decoding donates it, so writes may change it in place.
+    positions = [p + len(prompt) for p, prompt in zip(positions, prompts)]
+    sampled: list[torch.Tensor] = []
     replies = [bytearray() for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = [False] * len(prompts)
     for _ in range(config.max_new_bytes):
         byte = _sample(logits, config.temperature, generator)
-        for i, value in enumerate(byte.tolist()):
-            if not done[i]:
-                replies[i].append(value)
-                done[i] = config.stop_byte is not None and value == config.stop_byte
-        if bool(done.all()):
-            break
-        logits, state = model.step(byte, state, learn=config.learn, donate_state=True)
+        if config.stop_byte is not None:  # which replies end needs the bytes now
+            for i, value in enumerate(byte.tolist()):
+                if not done[i]:
+                    replies[i].append(value)
+                    done[i] = value == config.stop_byte
+            if all(done):
+                break
+        else:
+            sampled.append(byte)
+        logits, state = model.step(byte, state, learn=config.learn, donate_state=True, positions=positions)
+        positions = [p + 1 for p in positions]
+    if sampled:
+        for reply, values in zip(replies, torch.stack(sampled, dim=1).tolist()):
+            reply.extend(values)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     writes = (state.writes - writes_before).tolist()
-    results = [Generation(bytes(reply), {"active_params": model.last_metrics.get("active_params", model.num_params()),
+    active_params = model.last_metrics.get("active_params")
+    results = [Generation(bytes(reply), {"active_params": model.num_params() if active_params is None else active_params,
                                          "latency_ms": elapsed_ms,
                                          "complexity": model.last_metrics.get("complexity", float("nan")),
                                          "memory_writes": int(writes[i]), "surprise_bits": surprises[i]})

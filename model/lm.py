@@ -165,8 +165,8 @@ class ReverieLM(nn.Module):
                 raise ValueError(f"tokens must be byte values 0..255, got range [{low}, {high}]")
 
     def forward(self, tokens: torch.Tensor, state: FastState | None = None, *, learn: bool = True,
-                active_layers: int | None = None, lengths: list[int] | None = None, donate_state: bool = False
-                ) -> tuple[torch.Tensor, FastState]:
+                active_layers: int | None = None, lengths: list[int] | None = None, donate_state: bool = False,
+                positions: list[int] | None = None) -> tuple[torch.Tensor, FastState]:
         """tokens: (b, T) bytes; state: FastState for b users (None = empty).
 
         learn=False reads fast memory but writes none. active_layers < n_layers exits early
@@ -175,6 +175,8 @@ class ReverieLM(nn.Module):
         user's state then moves by its own bytes only, and its logits past them are padding.
         donate_state=True: the caller will not use `state` again, so a memory write may change its
         tensors in place rather than copy them (the fused write touches only the slots it writes).
+        positions: `state.pos` as a list, when the caller keeps track of it (a decoding loop): reading
+        it from the device is otherwise the host sync of every call.
         Returns logits (b, T, 256) and the new FastState.
         """
         self._check_tokens(tokens)
@@ -186,8 +188,10 @@ class ReverieLM(nn.Module):
             positions = [0] * batch
         elif state.batch_size != batch:
             raise ValueError(f"FastState holds {state.batch_size} users but tokens have batch {batch}")
-        else:
+        elif positions is None:
             positions = state.pos.tolist()  # the one host sync of a forward with a given state
+        elif len(positions) != batch:
+            raise ValueError(f"positions must give each of the {batch} users one position, got {len(positions)}")
         # Without learning nothing is written, so where each user's spans end does not matter.
         phases = [p % span for p in positions] if learn else [0] * batch
         started = time.perf_counter()
@@ -198,7 +202,12 @@ class ReverieLM(nn.Module):
             raise ValueError(f"lengths must give each of the {batch} users 1..{length} bytes, got {lengths}")
         if lengths is not None and min(lengths) == length:
             lengths = None
-        plan = SpanPlan.of(phases, length, span, tokens.device, lengths)
+        if length == 1 and learn and 0 < sum(phase == span - 1 for phase in phases) < batch:
+            # Decoding users whose spans end at different bytes: the mask of those closing now, made
+            # on the device from the state (a mask from the host list would be a copy that waits).
+            plan = SpanPlan.one_byte(state.pos % span == span - 1, batch)
+        else:
+            plan = SpanPlan.of(phases, length, span, tokens.device, lengths)
         own = None if lengths is None else torch.tensor(lengths, device=tokens.device)
         logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions), lengths=own,
                                       donate_state=donate_state)
@@ -302,10 +311,11 @@ class ReverieLM(nn.Module):
         return writes
 
     @torch.no_grad()
-    def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True, donate_state: bool = False
-             ) -> tuple[torch.Tensor, FastState]:
-        """One byte per user: byte (b,) -> logits (b, 256), next state (donate_state: as in `forward`)."""
-        logits, state = self.forward(byte[:, None], state, learn=learn, donate_state=donate_state)
+    def step(self, byte: torch.Tensor, state: FastState, *, learn: bool = True, donate_state: bool = False,
+             positions: list[int] | None = None) -> tuple[torch.Tensor, FastState]:
+        """One byte per user: byte (b,) -> logits (b, 256), next state (donate_state, positions: as in
+        `forward`; bytes as uint8 skip the range check, which reads them back from the device)."""
+        logits, state = self.forward(byte[:, None], state, learn=learn, donate_state=donate_state, positions=positions)
         return logits[:, 0], state
 
 

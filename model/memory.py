@@ -253,30 +253,50 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     return Slots(keys, values, strengths * scale), writes.long()
 
 
+def write_every_row(rule: WriteRule, slots: Slots, trace: Trace, key_rows: torch.Tensor, value_rows: torch.Tensor,
+                    span: int) -> tuple[Slots, Trace, torch.Tensor]:
+    """The write recurrence of rows that all end a span (training): row s adds its sums
+    key_rows[:, s], value_rows[:, s] (b, d) to the trace and writes. Returns the slots each row
+    started from and those after the last row, stacked on dim 1 ((b, S + 1, m, ...)), the emptied
+    trace, and the writes made (b,). `run_over_spans`'s loop, for `compiled_writes(loops=True)`."""
+    states, writes = [slots], torch.zeros(key_rows.shape[0], dtype=torch.long, device=key_rows.device)
+    for keys, values in zip(key_rows.unbind(1), value_rows.unbind(1)):
+        slots, wrote = write_slots(rule, slots, Trace(trace.keys + keys, trace.values + values), span)
+        trace = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
+        states.append(slots)
+        writes = writes + wrote
+    return Slots(*(torch.stack(parts, dim=1) for parts in zip(*states))), trace, writes
+
+
 _autograd_write = write_slots  # what `close_spans` runs where the fused kernels cannot: see compiled_writes
+_autograd_loop = None  # what `run_over_spans` runs for rows that all end a span (None: its own loop)
 
 
 @contextmanager
-def compiled_writes(enabled: bool = True, backend: str = "inductor") -> Iterator[None]:
+def compiled_writes(enabled: bool = True, backend: str = "inductor", loops: bool = False) -> Iterator[None]:
     """Inside: the writes that need autograd (training; the fused kernels have no backward) run
     through `torch.compile(write_slots)`, whose forward and backward are a few fused kernels
     instead of ~100 and ~180 small tensor ops, for each of the (spans x memories) writes of a
-    training step. One compile per shape (PM and EM of a preset), shared by every layer. Process-
-    wide while inside, like the compiled function itself; enabled=False changes nothing."""
-    global _autograd_write
-    previous = _autograd_write
+    training step. One compile per shape (PM and EM of a preset), shared by every layer.
+    loops=True compiles a whole span loop of rows that all end a span (`write_every_row`, a
+    training chunk's) as one function instead: its rows unrolled, so far fewer, larger kernels, at
+    the price of a compile that grows with the rows (minutes for 32 rows). Process-wide while
+    inside, like the compiled functions themselves; enabled=False changes nothing."""
+    global _autograd_write, _autograd_loop
+    previous = _autograd_write, _autograd_loop
     if enabled:
-        _autograd_write = _compiled_write(backend)
+        _autograd_write = _compiled(write_slots, backend)
+        _autograd_loop = _compiled(write_every_row, backend) if loops else None
     try:
         yield
     finally:
-        _autograd_write = previous
+        _autograd_write, _autograd_loop = previous
 
 
 @functools.cache
-def _compiled_write(backend: str):
-    """One compiled write per backend for the process: a new torch.compile wrapper would compile again."""
-    return torch.compile(write_slots, fullgraph=True, dynamic=False, backend=backend)
+def _compiled(fn, backend: str):
+    """One compiled `fn` per backend for the process: a new torch.compile wrapper would compile again."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
 
 class SlotMemory(nn.Module):
@@ -299,7 +319,23 @@ class SlotMemory(nn.Module):
 
     @classmethod
     def stacked_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
-        """One write rule for like memories (or one), so their writes run as one `write_slots`."""
+        """One write rule for like memories (or one), so their writes run as one `write_slots`.
+        Without autograd (serving decodes a byte at a time) the rule is kept and built again only
+        when a parameter changed (a new version, a delta, a move): its stacks are ~10 small ops."""
+        if torch.is_grad_enabled():
+            return cls._build_rule(memories)
+        cached = memories[0].__dict__.get("_cached_rule")  # (memories, their parameters, versions, rule)
+        if cached is None or cached[0] != list(map(id, memories)):
+            parameters = [p for m in memories for p in (*m.neuromodulator.parameters(), *m.rule_parameters())]
+            cached = (list(map(id, memories)), parameters, None, None)
+        versions = [(p.data_ptr(), p._version) for p in cached[1]]
+        if versions != cached[2]:
+            cached = (cached[0], cached[1], versions, cls._build_rule(memories))
+            memories[0].__dict__["_cached_rule"] = cached
+        return cached[3]
+
+    @classmethod
+    def _build_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
         w1, b1, w2, b2 = (torch.stack([getattr(m.neuromodulator.net[layer], name) for m in memories])
                           for layer, name in ((0, "weight"), (0, "bias"), (2, "weight"), (2, "bias")))
         return WriteRule(w1, b1, w2, b2, *cls._read_rule(memories), _shared(memories, "decay"),
@@ -309,6 +345,10 @@ class SlotMemory(nn.Module):
     def _read_rule(cls, memories: list["SlotMemory"]) -> tuple[torch.Tensor | None, int]:
         """The (sharpness, topk) of a stack's reads in `WriteRule`."""
         raise NotImplementedError
+
+    def rule_parameters(self) -> tuple[nn.Parameter, ...]:
+        """Parameters `_read_rule` reads, besides the neuromodulator's."""
+        return ()
 
 
 def _shared(memories: list[SlotMemory], name: str) -> float:
@@ -358,6 +398,9 @@ class EpisodicMemory(SlotMemory):
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.out(self.retrieve(queries, slots))
 
+    def rule_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.log_temperature,)
+
     @classmethod
     def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:
         sharpness = torch.stack([m.log_temperature for m in memories]).exp()[:, None, None]
@@ -396,29 +439,58 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     else:
         query_grid = plan.fold(queries)  # (b, S, P, d)
         key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
-    snapshots = []
     writes_rows = plan.rows > 1 or close_last  # else (decoding) the loop below writes nothing
     rule = memory.stacked_rule([memory]) if writes_rows else None  # once: its stacks are ops too
+    looped = plan.rows if close_last else plan.rows - 1  # rows written here
+    given = slots
+    if _loops_whole(plan, looped, slots):
+        states, trace, wrote = _autograd_loop(rule, slots, trace, key_sums[:, :looped], value_sums[:, :looped], span)
+        slots, writes = Slots(*(t[:, -1] for t in states)), writes + wrote
+        stacked = Slots(*(t[:, :plan.rows] for t in states))  # (b, S, m, ..): the slots each row read
+    else:
+        slots, trace, writes, stacked = _write_rows(rule, slots, trace, writes, key_sums, value_sums, plan, span,
+                                                    close_last)
+    if close_last:
+        pending = None
+    else:  # the slices are skipped when there is one row: decoding runs this for every memory and byte
+        pending = Trace(key_sums, value_sums) if plan.rows == 1 else Trace(key_sums[:, -1:], value_sums[:, -1:])
+    if plan.rows == 1:
+        reads = memory.read(queries, given)
+    else:
+        query_grid = queries[:, :, None] if query_grid is None else query_grid
+        reads = plan.unfold(memory.read(query_grid.flatten(0, 1), Slots(*(t.flatten(0, 1) for t in stacked)))
+                            .unflatten(0, query_grid.shape[:2]))
+    return SpanRun(reads, slots, trace, writes, pending)
+
+
+def _loops_whole(plan: SpanPlan, looped: int, slots: Slots) -> bool:
+    """Whether `compiled_writes(loops=True)` runs this call's loop: rows that all end a span, for
+    every user (a training chunk), written with autograd."""
+    if _autograd_loop is None or looped < 2 or not all(closes is True for closes in plan.closes[:looped]):
+        return False
+    from model.fused_write import fused_write_supported  # that module imports this one
+
+    return not fused_write_supported(slots)
+
+
+def _write_rows(rule: WriteRule | None, slots: Slots, trace: Trace, writes: torch.Tensor, key_sums: torch.Tensor,
+                value_sums: torch.Tensor, plan: SpanPlan, span: int, close_last: bool
+                ) -> tuple[Slots, Trace, torch.Tensor, Slots | None]:
+    """`run_over_spans`'s write loop, row by row. Returns the slots, trace and writes after it, and
+    the slots each row started from stacked on dim 1 (None for one row: its reads see the given slots)."""
+    snapshots = []
     # Rows by unbind, not by indexing: the backward of one unbind is one stack, where each index's
     # would fill and add a gradient the size of all rows (rows x memories times a training step).
-    key_rows, value_rows = (key_sums.unbind(1), value_sums.unbind(1)) if writes_rows else ((), ())
+    key_rows, value_rows = (key_sums.unbind(1), value_sums.unbind(1)) if rule is not None else ((), ())
     for row, closes in enumerate(plan.closes):
         snapshots.append(slots)
         if row == plan.rows - 1 and not close_last:
             break
         trace = Trace(trace.keys + key_rows[row], trace.values + value_rows[row])
         slots, trace, writes = close_spans(rule, slots, trace, writes, closes, span)
-    if close_last:
-        pending = None
-    else:  # the slices are skipped when there is one row: decoding runs this for every memory and byte
-        pending = Trace(key_sums, value_sums) if plan.rows == 1 else Trace(key_sums[:, -1:], value_sums[:, -1:])
     if len(snapshots) == 1:
-        reads = memory.read(queries, snapshots[0])
-    else:
-        query_grid = queries[:, :, None] if query_grid is None else query_grid
-        stacked = Slots(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*snapshots)))  # (b*S, m, ..)
-        reads = plan.unfold(memory.read(query_grid.flatten(0, 1), stacked).unflatten(0, query_grid.shape[:2]))
-    return SpanRun(reads, slots, trace, writes, pending)
+        return slots, trace, writes, None
+    return slots, trace, writes, Slots(*(torch.stack(parts, dim=1) for parts in zip(*snapshots)))
 
 
 def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writes: torch.Tensor,

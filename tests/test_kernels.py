@@ -216,6 +216,30 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_span_loops_give_the_eager_loss_gradients_and_state():
+    """`compiled_writes(loops=True)`: a training chunk's write loop as one compiled function
+    (`write_every_row`, aot_eager here), from an empty state and from a warm one."""
+    from model import memory
+
+    torch.manual_seed(0)
+    lm = ReverieLM(preset("tiny"))
+    tokens = torch.randint(0, 256, (2, 4 * lm.config.span + 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, warm = lm(torch.randint(0, 256, (2, 2 * lm.config.span), generator=torch.Generator().manual_seed(6)))
+    for given in (None, warm):
+        results = []
+        for loops in (False, True):
+            lm.zero_grad()
+            with memory.compiled_writes(loops, backend="aot_eager", loops=loops):
+                logits, state = lm(tokens[:, :-1], given)
+                model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
+            results.append([logits.detach(), *state.detach().tensors().values()]
+                           + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+        assert int(results[0][2].min()) > 0  # writes happened
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_forward_without_writes_shares_the_memory_tensors_of_the_given_state():
     torch.manual_seed(0)
     lm = ReverieLM(preset("tiny")).eval()
@@ -258,3 +282,22 @@ def test_gpu_suite_smoke_run_writes_every_section(tmp_path):
         assert section in results, section
         assert "error" not in results[section], (section, results[section].get("error"))
     assert all(check["ok"] for check in results["checks"]["items"].values()), results["checks"]
+
+
+def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
+    """Decoding builds the stacked write rule once; a changed parameter (a new version, a delta)
+    builds it again; with autograd it is built every time (its stacks belong to the graph)."""
+    from model.memory import EpisodicMemory
+
+    lm = ReverieLM(preset("tiny"))
+    memories = [block.episodic for block in lm.blocks]
+    with torch.no_grad():
+        first = EpisodicMemory.stacked_rule(memories)
+        assert EpisodicMemory.stacked_rule(memories) is first
+        memories[1].log_temperature.add_(0.5)
+        memories[0].neuromodulator.net[2].bias.mul_(2.0)
+        changed = EpisodicMemory.stacked_rule(memories)
+    assert changed is not first
+    torch.testing.assert_close(changed.sharpness[1, 0, 0], memories[1].log_temperature.exp())
+    torch.testing.assert_close(changed.b2[0], memories[0].neuromodulator.net[2].bias)
+    assert EpisodicMemory.stacked_rule(memories) is not EpisodicMemory.stacked_rule(memories)

@@ -217,7 +217,7 @@ class UserStates:
         return UserSlot(user_id, state, str(meta["base_version"]), int(meta.get("turns", 0)))
 
     def _save(self, user_id: str, pending: PendingSave) -> None:
-        tensors = {k: v.detach().contiguous() for k, v in pending.state.tensors().items()}
+        tensors = {k: v[pending.row:pending.row + 1].detach().contiguous() for k, v in pending.state.tensors().items()}
         self.states.save(user_id, tensors, {"base_version": pending.version, "turns": pending.turns})
         self.store.write_bytes(self._marker(user_id), json.dumps({"turns": pending.turns}).encode())
 
@@ -226,7 +226,7 @@ class UserStates:
         on_host: the slots' states as one batch in CPU memory (one device-to-host copy per batch, made
         by the caller; save threads copying rows from a GPU would queue behind the next batch's kernels)."""
         for i, slot in enumerate(slots):
-            self.saver.submit(slot.user_id, PendingSave(on_host.rows(slice(i, i + 1)), slot.version, slot.turns))
+            self.saver.submit(slot.user_id, PendingSave(on_host, slot.version, slot.turns, row=i))
 
     def flush(self, user_id: str | None = None) -> None:
         """Save the user's (or everyone's) pending state now and wait; raises the error of a failed save (once)."""

@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PendingSave:
-    """What one save writes; `state` is already in host memory, owned by the saver."""
+    """What one save writes: row `row` of `state`, a batch already in host memory that no one changes.
+    The row is cut out only by the save that runs: coalesced saves never cost that."""
 
-    state: object  # a FastState of one user
+    state: object  # a FastState of one or more users
     version: str
     turns: int
+    row: int = 0
 
 
 class StateSaver:
