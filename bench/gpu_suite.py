@@ -844,7 +844,8 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.json"
         command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
-                   "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS)]
+                   "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS),
+                   "--train-batch", str(sizes.train_batch)]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()
@@ -966,6 +967,8 @@ def main() -> None:
     parser.add_argument("--out", help="JSON path (default bench/results/gpu.json, or gpu_smoke.json with --smoke)")
     parser.add_argument("--train-variants", default="",
                         help="comma-separated training variants to run (default: all), e.g. gpt-compile,reverie-graph-compiled")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="training rows per step for every variant (default: Sizes.train_batch, 16 as calibrated)")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time budget (repeatable); the total budget grows to match")
     parser.add_argument("--section", help=argparse.SUPPRESS)
@@ -980,6 +983,8 @@ def main() -> None:
         extra = int(seconds) - sizes.budgets[name]
         sizes = dataclasses.replace(sizes, budgets={**sizes.budgets, name: int(seconds)},
                                     total_budget=sizes.total_budget + max(0, extra))
+    if args.train_batch:
+        sizes = dataclasses.replace(sizes, train_batch=args.train_batch)
     TRAIN_VARIANTS.extend(filter(None, args.train_variants.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.section:  # child: one section
