@@ -307,3 +307,20 @@ def test_checkpoint_of_another_config_names_the_difference(tiny_model, tmp_path)
 def test_invalid_config_lists_its_problems():
     with pytest.raises(ValueError, match="not divisible by n_heads"):
         ModelConfig(d_model=30, n_heads=4)
+
+
+def test_positions_given_by_the_caller_give_the_same_step():
+    """`positions` saves reading `state.pos` from the device; given right it changes nothing, and a
+    list of the wrong length is refused."""
+    torch.manual_seed(0)
+    lm = ReverieLM(preset("tiny")).eval()
+    _, state = lm(torch.randint(0, 256, (3, 21)))
+    state.pos = state.pos + torch.tensor([0, 10, 15])  # offsets 5, 15, 4 in a span of 16: one user closes
+    byte = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    want_logits, want = lm.step(byte, state)
+    got_logits, got = lm.step(byte, state, positions=state.pos.tolist())
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+    for name, tensor in want.tensors().items():
+        torch.testing.assert_close(got.tensors()[name], tensor, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="positions must give each of the 3 users"):
+        lm.step(byte, state, positions=[21, 31])
