@@ -14,7 +14,6 @@ bench/results/kernel_profile.json under its name.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu_suite import sync_free_step, warm_state  # noqa: E402
+from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import compiled_writes  # noqa: E402
@@ -122,10 +122,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "kernel_ms_total": round(total_ms, 3), "kernels": launches, "top": rows[:args.top]}
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[name] = result
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    save_section(RESULTS, name, result)
     print(f"{name} ({args.preset}, b={args.batch}): {launches} kernels, {total_ms:.2f} ms of kernel time")
     print(f"{'ms':>9} {'share':>6} {'count':>7}  kernel")
     for row in rows[:args.top]:

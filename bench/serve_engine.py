@@ -15,7 +15,6 @@ so their time is counted where the sync is (the decode). Writes bench/results/se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.results_file import save_section  # noqa: E402
 import model.generate  # noqa: E402
 from model.lm import ReverieLM  # noqa: E402
 from storage.experience import ExperienceWriter  # noqa: E402
@@ -124,10 +124,7 @@ def main() -> None:
         result[key] = {"batch_ms": round(batch_ms, 2), "bytes_per_s": round(args.users * args.max_new_bytes / batch_ms * 1000, 1),
                        "parts_ms": {k: round(v, 2) for k, v in parts.items()}}
     result["ratio"] = round(result["learn_on"]["bytes_per_s"] / result["learn_off"]["bytes_per_s"], 3)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[section] = result
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    save_section(RESULTS, section, result)
     print(f"{args.users} users a batch, {args.preset}, {args.device}, {batches} batches per setting (ms per batch)")
     print(f"{'part':12s} {'learn on':>9s} {'learn off':>9s}")
     for part in ["batch", *PARTS, "other"]:

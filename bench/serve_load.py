@@ -15,10 +15,10 @@ section "gpu") and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +28,12 @@ from pathlib import Path
 
 import requests
 
-RESULTS = Path(__file__).parent / "results" / "serve_load.json"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results_file import save_section  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "serve_load.json"
 
 
 @dataclass
@@ -151,10 +156,7 @@ def main() -> None:
         "learn_on": learn_on, "learn_off": learn_off,
         "ratio": round(learn_on["bytes_per_s"] / learn_off["bytes_per_s"], 3) if learn_off["bytes_per_s"] else None,
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.section] = section
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    save_section(RESULTS, args.section, section)
     print(f"{args.users} users, {args.preset}, {args.replicas} replica(s), {args.rounds} x {args.seconds:.0f} s per setting")
     for name in ("learn_on", "learn_off"):
         p = section[name]

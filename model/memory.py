@@ -324,10 +324,11 @@ class SlotMemory(nn.Module):
         when a parameter changed (a new version, a delta, a move): its stacks are ~10 small ops."""
         if torch.is_grad_enabled():
             return cls._build_rule(memories)
+        ids = list(map(id, memories))
         cached = memories[0].__dict__.get("_cached_rule")  # (memories, their parameters, versions, rule)
-        if cached is None or cached[0] != list(map(id, memories)):
+        if cached is None or cached[0] != ids:
             parameters = [p for m in memories for p in (*m.neuromodulator.parameters(), *m.rule_parameters())]
-            cached = (list(map(id, memories)), parameters, None, None)
+            cached = (ids, parameters, None, None)
         versions = [(p.data_ptr(), p._version) for p in cached[1]]
         if versions != cached[2]:
             cached = (cached[0], cached[1], versions, cls._build_rule(memories))

@@ -217,7 +217,8 @@ class UserStates:
         return UserSlot(user_id, state, str(meta["base_version"]), int(meta.get("turns", 0)))
 
     def _save(self, user_id: str, pending: PendingSave) -> None:
-        tensors = {k: v[pending.row:pending.row + 1].detach().contiguous() for k, v in pending.state.tensors().items()}
+        row = pending.state.rows(slice(pending.row, pending.row + 1))
+        tensors = {k: v.detach().contiguous() for k, v in row.tensors().items()}
         self.states.save(user_id, tensors, {"base_version": pending.version, "turns": pending.turns})
         self.store.write_bytes(self._marker(user_id), json.dumps({"turns": pending.turns}).encode())
 
