@@ -58,6 +58,7 @@ from bench.baselines import GPT  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
+from model.decode_graph import GraphedStep  # noqa: E402
 from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput
@@ -206,57 +207,6 @@ def warm_state(config: ModelConfig, batch: int, device: torch.device, seed: int,
     return state
 
 
-def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: bool, donate_state: bool = False
-                   ) -> tuple[torch.Tensor, FastState]:
-    """`lm.step` without host syncs: whose span ends is a (b,) mask computed on the device, and the
-    working memory takes its cached path (right for an empty cache too). byte (b,) -> logits (b, 1, 256)."""
-    span = lm.config.span
-    closes = (state.pos % span) + 1 == span
-    return lm._run(byte[:, None], state, learn, lm.config.n_layers, SpanPlan.one_byte(closes, byte.shape[0]),
-                   fresh=False, donate_state=donate_state)
-
-
-class GraphedDecode:
-    """ReverieLM's one-byte step (`_run`, which has no host syncs) captured in a CUDA graph.
-
-    The state lives in static buffers, donated to each step; after each replay the returned tensors
-    are copied into them (tensors a forward returned unchanged, or wrote in place, are the buffers
-    themselves and are not copied). Whose span closes is computed on the device: the fused write
-    skips the other users on the device, the torch write masks them. compile: the step goes
-    through torch.compile (inductor fuses its small ops) before it is captured.
-    """
-
-    def __init__(self, lm: ReverieLM, state: FastState, learn: bool, compile: bool = False) -> None:
-        self.lm, self.learn = lm, learn
-        self.run_step = torch.compile(sync_free_step, dynamic=False) if compile else sync_free_step
-        self.state = state.clone()
-        self.byte = torch.zeros(state.batch_size, dtype=torch.long, device=state.pos.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.out = self._step()
-        for name, tensor in state.tensors().items():  # the warm-up steps wrote the donated buffers in place
-            getattr(self.state, name).copy_(tensor)
-
-    def _step(self) -> tuple[torch.Tensor, FastState]:
-        return self.run_step(self.lm, self.byte, self.state, self.learn, donate_state=True)
-
-    def __call__(self, byte: torch.Tensor) -> torch.Tensor:
-        """byte (b,) -> logits (b, 256); advances the static state."""
-        self.byte.copy_(byte)
-        self.graph.replay()
-        for name, tensor in self.out.tensors().items():
-            target = getattr(self.state, name)
-            if tensor is not target:
-                target.copy_(tensor)
-        return self.logits[:, 0]
-
-
 class KVCacheGPT:
     """The GPT baseline decoding one byte per sequence with a preallocated KV cache.
 
@@ -401,7 +351,9 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         errors = {}
         with torch.no_grad():
             for learn, compile in ((False, False), (True, False), (False, True), (True, True)):
-                graph, eager_state, eager, replayed = GraphedDecode(lm, state, learn, compile), state, [], []
+                graph = GraphedStep(lm, 8, learn, device, capture=True, compile=compile)
+                graph.load(state)
+                eager_state, eager, replayed = state, [], []
                 for i in range(2 * config.span):  # every user's span closes once
                     byte = torch.randint(0, 256, (8,), device=device,
                                          generator=torch.Generator(device=device).manual_seed(i))
@@ -409,12 +361,36 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                     eager.append(logits)
                     replayed.append(graph(byte).clone())
                 errors[f"learn={learn} compile={compile}"] = max(rel_err(torch.stack(replayed), torch.stack(eager)),
-                                               rel_err(graph.state.em_v, eager_state.em_v))
+                                               rel_err(graph.buffers.em_v, eager_state.em_v))
         # Compiled, inductor reorders and fuses float32 reductions: 6e-5 to 9e-5 measured on the H100.
         compiled = max(err for case, err in errors.items() if case.endswith("compile=True"))
         result = check(max(err for case, err in errors.items() if case.endswith("compile=False")), 1e-5, cases=errors)
         return {**result, "compiled_rel_err": compiled, "compiled_tol": 5e-4,
                 "ok": result["ok"] and compiled <= 5e-4}
+
+    def serving_decode_graphs() -> dict:
+        """generate_batch through model/decode_graph.py (5 users in the graph for 8, learn on) against
+        plain decoding, before and after new weights are loaded in place, as a hot-swap or a user's
+        delta does: the graphs must read the weights as they are then (greedy replies and states)."""
+        from model.decode_graph import DecodeGraphs
+        from model.generate import GenerationConfig, generate_batch
+
+        torch.manual_seed(0)
+        config = preset("tiny")
+        lm, other = ReverieLM(config).to(device).eval(), ReverieLM(config).to(device)
+        graphs, errors, same = DecodeGraphs(lm), {}, {}
+        prompts = [bytes(range(40 + 9 * i, 40 + 9 * i + 3 + 5 * i)) for i in range(5)]
+        state = warm_state(config, 5, device, seed=9, start=2 * config.span + 5)
+        settings = GenerationConfig(max_new_bytes=3 * config.span, temperature=0.0)
+        for weights in ("first", "loaded in place"):
+            if weights != "first":
+                lm.load_state_dict(other.state_dict())
+            want, want_state = generate_batch(lm, prompts, state, settings)
+            got, got_state = generate_batch(lm, prompts, state, settings, graphs=graphs)
+            same[weights] = [g.response == w.response for g, w in zip(got, want)]
+            errors[weights] = max(rel_err(got_state.em_v, want_state.em_v), rel_err(got_state.pm_v, want_state.pm_v))
+        result = check(max(errors.values()), 1e-5, cases=errors, replies_equal=same)
+        return {**result, "ok": result["ok"] and all(all(v) for v in same.values())}
 
     def fused_write() -> dict:
         """The Triton write against `write_slots` (float64 on the CPU) at the model's sizes, on views
@@ -483,8 +459,9 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     rec.item("step_vs_forward", step_vs_forward)
     if device.type == "cuda":
         rec.item("graphed_decode", graphed_decode)
+        rec.item("serving_decode_graphs", serving_decode_graphs)
     else:
-        rec.data["skipped"].append("graphed_decode (needs CUDA)")
+        rec.data["skipped"].append("graphed_decode, serving_decode_graphs (need CUDA)")
     rec.item("kv_cache_gpt", kv_gpt)
     rec.item("bitdelta_packing", bitdelta_packing)
 
@@ -628,7 +605,8 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
         state = warm_state(config, batch, device, seed=batch, start=context)
         byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
         if graph:
-            decode = GraphedDecode(lm, state, learn, compile)
+            decode = GraphedStep(lm, batch, learn, device, capture=True, compile=compile)
+            decode.load(state)
             timing = time_ms(lambda: decode(byte), device, warmup=2, repeat=sizes.decode_steps)
         else:
             holder = {"state": state}

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.gpu_suite import sync_free_step, warm_state  # noqa: E402
+from bench.gpu_suite import warm_state  # noqa: E402
+from model.decode_graph import sync_free_step  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402

@@ -4,12 +4,14 @@
 `ServingEngine.serve_batch` directly on batches of `--users` users, learn on and off alternating
 in rounds, and splits each batch's wall time into parts: reading the prompts (prefill), the decode
 steps, fetching user states, handing states to the saver, the experience log, and the rest
-(sampling, per-user state rows). On a GPU the host syncs of a decode step wait for its kernels,
-so their time is counted where the sync is (the decode). Writes bench/results/serve_engine.json
-(section cpu, or gpu with --device cuda) and prints a table.
+(sampling, per-user state rows). On a GPU the host syncs wait for the kernels queued before them,
+so their time is counted where the sync is: in the decode for eager steps; with the decode steps
+CUDA-graphed (the default on a GPU, model/decode_graph.py) the decode part is the replays'
+launches, and the wait for their kernels lands in `other`, where the replies are read back.
+Writes bench/results/serve_engine.json (section cpu, or gpu with --device cuda) and prints a table.
 
     python bench/serve_engine.py                       # tiny, 16 users, CPU
-    python bench/serve_engine.py --device cuda --users 32
+    python bench/serve_engine.py --device cuda --users 32 [--no-cuda-graphs --section gpu_eager]
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ import torch  # noqa: E402
 
 from bench.results_file import save_section  # noqa: E402
 import model.generate  # noqa: E402
+from model.decode_graph import GraphedStep  # noqa: E402
 from model.lm import ReverieLM  # noqa: E402
 from storage.experience import ExperienceWriter  # noqa: E402
 from workers.serving_api import GenerateRequest  # noqa: E402
 from workers.serving_engine import ServingConfig, ServingEngine, UserStates  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_engine.json"
-PARTS = {"prefill": (model.generate, "_prefill"), "decode": (ReverieLM, "step"), "get_state": (UserStates, "get"),
-         "save_behind": (UserStates, "save_behind"), "log": (ExperienceWriter, "append")}
+PARTS = {"prefill": [(model.generate, "_prefill")], "decode": [(ReverieLM, "step"), (GraphedStep, "__call__")],
+         "get_state": [(UserStates, "get")], "save_behind": [(UserStates, "save_behind")],
+         "log": [(ExperienceWriter, "append")]}
 
 
 class PartTimer:
@@ -64,8 +68,9 @@ class PartTimer:
         return timed
 
     def install(self) -> None:
-        for part, (owner, name) in PARTS.items():
-            setattr(owner, name, self.wrap(part, getattr(owner, name)))
+        for part, functions in PARTS.items():
+            for owner, name in functions:
+                setattr(owner, name, self.wrap(part, getattr(owner, name)))
 
 
 def requests_for(users: int, turn: int, learn: bool, max_new_bytes: int) -> list[GenerateRequest]:
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--max-new-bytes", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save-interval-s", type=float, default=ServingConfig().save_interval_s)
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=ServingConfig().cuda_graphs,
+                        help="on a GPU, decode through CUDA graphs (ServingConfig.cuda_graphs)")
     parser.add_argument("--section", default=None, help="results section (default: cpu, or gpu on a GPU)")
     args = parser.parse_args()
     section = args.section or ("gpu" if args.device.startswith("cuda") else "cpu")
@@ -91,7 +98,7 @@ def main() -> None:
     timer.install()
     with tempfile.TemporaryDirectory() as data_root:
         engine = ServingEngine(ServingConfig(data_root=data_root, preset=args.preset, device=args.device,
-                                             save_interval_s=args.save_interval_s))
+                                             save_interval_s=args.save_interval_s, cuda_graphs=args.cuda_graphs))
         for turn in range(3):  # warm up: allocator, kernels, the users' first states
             for learn in (True, False):
                 engine.serve_batch(requests_for(args.users, turn, learn, args.max_new_bytes))
@@ -113,6 +120,7 @@ def main() -> None:
     batches = args.rounds * args.batches
     result: dict = {"preset": args.preset, "users": args.users, "batches_per_setting": batches,
                     "max_new_bytes": args.max_new_bytes, "save_interval_s": args.save_interval_s,
+                    "cuda_graphs": args.cuda_graphs and args.device.startswith("cuda"),
                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
                     "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}

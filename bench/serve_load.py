@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where replicas run the model: cpu or cuda")
     parser.add_argument("--gpus-per-replica", type=float, default=1.0,
                         help="with --device cuda: 0.5 puts two replicas on one GPU (two processes, two GILs)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a GPU, replicas decode through CUDA graphs (ServingConfig.cuda_graphs)")
     parser.add_argument("--section", default=None, help="results section to write (default: cpu, or gpu with --device cuda)")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
@@ -130,7 +132,7 @@ def main() -> None:
         serve.run(build_app({"data_root": data_root, "preset": args.preset, "num_replicas": args.replicas,
                              "max_batch_size": args.max_batch_size, "device": args.device,
                              "batch_wait_timeout_s": args.batch_wait_timeout_s, "save_interval_s": args.save_interval_s,
-                             "num_gpus": args.gpus_per_replica if gpu else 0}), name="reverie", route_prefix="/")
+                             "cuda_graphs": args.cuda_graphs, "num_gpus": args.gpus_per_replica if gpu else 0}), name="reverie", route_prefix="/")
         url = f"http://127.0.0.1:{args.port}"
         try:
             run_round(url, args.users, 3.0, True, args.max_new_bytes, "warmup", Phase())
@@ -148,7 +150,7 @@ def main() -> None:
         "preset": args.preset, "users": args.users, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "max_new_bytes": args.max_new_bytes, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s, "save_interval_s": args.save_interval_s,
-        "gpus_per_replica": args.gpus_per_replica if gpu else 0,
+        "gpus_per_replica": args.gpus_per_replica if gpu else 0, "cuda_graphs": args.cuda_graphs and gpu,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},

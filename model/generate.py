@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.decode_graph import DecodeGraphs
 from model.fast_state import FastState
 from model.lm import ReverieLM
 
@@ -91,12 +92,13 @@ def _unshared(state: FastState, given: FastState) -> FastState:
 
 
 @torch.no_grad()
-def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, config: GenerationConfig
-                   ) -> tuple[list[Generation], FastState]:
+def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, config: GenerationConfig,
+                   graphs: DecodeGraphs | None = None) -> tuple[list[Generation], FastState]:
     """One reply per user. Prompts are read in batches of users they can share (`_prefill_groups`);
     replies are decoded for all users together. The decoding loop keeps the users' positions on the
     host and reads the sampled bytes back once at the end (each step, with a `stop_byte`), so its
-    steps queue on a GPU without waiting for each other."""
+    steps queue on a GPU without waiting for each other. graphs: decode through `model`'s captured
+    steps (model/decode_graph.py) where they take this batch."""
     if len(prompts) != state.batch_size:
         raise ValueError(f"{len(prompts)} prompts for a FastState of {state.batch_size} users")
     if any(len(p) == 0 for p in prompts):
@@ -122,6 +124,7 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
         logits = torch.stack(last_logits)
     # `state` is now a batch no caller holds: decoding donates it, so writes may change it in place.
     positions = [p + len(prompt) for p, prompt in zip(positions, prompts)]
+    graphed = graphs.step_for(state, config.learn) if graphs is not None and config.max_new_bytes else None
     sampled: list[torch.Tensor] = []
     replies = [bytearray() for _ in prompts]
     done = [False] * len(prompts)
@@ -136,8 +139,13 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
                 break
         else:
             sampled.append(byte)
+        if graphed is not None:
+            logits = graphed(byte)
+            continue
         logits, state = model.step(byte, state, learn=config.learn, donate_state=True, positions=positions)
         positions = [p + 1 for p in positions]
+    if graphed is not None:
+        state = graphed.state(len(prompts))
     if sampled:
         for reply, values in zip(replies, torch.stack(sampled, dim=1).tolist()):
             reply.extend(values)

@@ -321,8 +321,10 @@ class SlotMemory(nn.Module):
     def stacked_rule(cls, memories: list["SlotMemory"]) -> WriteRule:
         """One write rule for like memories (or one), so their writes run as one `write_slots`.
         Without autograd (serving decodes a byte at a time) the rule is kept and built again only
-        when a parameter changed (a new version, a delta, a move): its stacks are ~10 small ops."""
-        if torch.is_grad_enabled():
+        when a parameter changed (a new version, a delta, a move): its stacks are ~10 small ops.
+        A CUDA graph being captured builds it inside the graph: replays must read the parameters
+        as they are then, not a stack a later in-place load left stale (model/decode_graph.py)."""
+        if torch.is_grad_enabled() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             return cls._build_rule(memories)
         ids = list(map(id, memories))
         cached = memories[0].__dict__.get("_cached_rule")  # (memories, their parameters, versions, rule)

@@ -251,8 +251,8 @@ def test_forward_without_writes_shares_the_memory_tensors_of_the_given_state():
 
 @pytest.mark.parametrize("learn", [True, False])
 def test_sync_free_decode_step_equals_step_for_users_at_different_offsets(learn):
-    """The one-byte path that bench/gpu_suite.py captures in a CUDA graph."""
-    from bench.gpu_suite import sync_free_step
+    """The one-byte path that model/decode_graph.py captures in a CUDA graph."""
+    from model.decode_graph import sync_free_step
 
     torch.manual_seed(0)
     config = preset("tiny")

@@ -324,3 +324,43 @@ def test_positions_given_by_the_caller_give_the_same_step():
         torch.testing.assert_close(got.tensors()[name], tensor, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="positions must give each of the 3 users"):
         lm.step(byte, state, positions=[21, 31])
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_decoding_through_decode_graph_buffers_equals_plain_decoding(tiny_model_f64, learn):
+    """The serving path of model/decode_graph.py (static buffers, a batch padded to its bucket, the
+    sync-free step), run eagerly as on a CPU, gives the replies, writes and states of `model.step`,
+    for users at different span phases, and the padding rows never leak into a user's row."""
+    from model.decode_graph import DecodeGraphConfig, DecodeGraphs
+
+    empty = FastState.empty(TINY, 1, dtype=torch.float64)
+    state = FastState.cat([tiny_model_f64(random_bytes(1, n, seed=n), empty)[1] for n in (5, 11, 16)])
+    prompts = [bytes(random_bytes(1, n, seed=10 + n)[0].tolist()) for n in (3, 9, 1)]
+    graphs = DecodeGraphs(tiny_model_f64, DecodeGraphConfig(max_batch=4, capture=False))
+    for temperature, seed in ((0.0, None), (1.0, 7)):
+        config = GenerationConfig(max_new_bytes=2 * TINY.span, temperature=temperature, learn=learn, seed=seed)
+        want, want_state = generate_batch(tiny_model_f64, prompts, state, config)
+        got, got_state = generate_batch(tiny_model_f64, prompts, state, config, graphs=graphs)
+        assert [g.response for g in got] == [w.response for w in want]
+        assert [g.metrics["memory_writes"] for g in got] == [w.metrics["memory_writes"] for w in want]
+        assert got_state.batch_size == 3
+        for name, tensor in want_state.tensors().items():
+            torch.testing.assert_close(got_state.tensors()[name], tensor, rtol=1e-9, atol=1e-9, msg=name)
+    assert list(graphs._steps) == [(4, learn, torch.float64)]  # three users share the bucket of four
+
+
+def test_decode_graphs_leave_large_batches_to_plain_decoding_and_recapture_moved_parameters(tiny_model):
+    from model.decode_graph import DecodeGraphConfig, DecodeGraphs
+
+    graphs = DecodeGraphs(tiny_model, DecodeGraphConfig(max_batch=2, capture=False))
+    assert [graphs.bucket(n) for n in (1, 2, 3, 4, 5, 17)] == [1, 2, 4, 4, 8, 32]
+    assert graphs.step_for(FastState.empty(TINY, 3), learn=True) is None
+    first = graphs.step_for(FastState.empty(TINY, 2), learn=True)
+    assert graphs.step_for(FastState.empty(TINY, 2), learn=True) is first
+    with torch.no_grad():  # written in place (a new version, a delta): the step still holds
+        tiny_model.embed.weight.add_(1.0)
+    assert graphs.step_for(FastState.empty(TINY, 2), learn=True) is first
+    tiny_model.embed.weight = torch.nn.Parameter(tiny_model.embed.weight.detach().clone())  # moved
+    assert graphs.step_for(FastState.empty(TINY, 2), learn=True) is not first
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraphs(tiny_model, DecodeGraphConfig(capture=True))

@@ -51,6 +51,7 @@ from model.bitdelta import BitDelta, apply_delta, remove_delta
 from model.consolidation import DenseDelta, stored_delta
 from model.checkpoint import load_checkpoint, load_weights, weights
 from model.config import ModelConfig, config_of_manifest, preset
+from model.decode_graph import DecodeGraphs
 from model.fast_state import FastState
 from model.generate import GenerationConfig, generate_batch
 from model.lm import ReverieLM
@@ -81,6 +82,7 @@ class ServingConfig:
     delta_ttl_s: float = 10.0  # how long a user's (absent) delta lookup is cached
     torch_threads: int = 1
     device: str = "cpu"  # "cuda" (or "cuda:1") serves from a GPU; states are stored from the CPU either way
+    cuda_graphs: bool = True  # on a GPU, decode through captured steps (model/decode_graph.py), one per batch bucket
     limits: ServingLimits = field(default_factory=ServingLimits)
 
     @classmethod
@@ -249,6 +251,18 @@ class UserStates:
         self._slots.pop(user_id, None)
 
 
+def _copy_rows_into(slots: list[UserSlot], state: FastState) -> None:
+    """Row i of `state` into slot i's own tensors, as one foreach copy: a clone per user and tensor
+    was 16 launches a user on a GPU, a visible part of what learning cost a served batch. Each
+    slot owns its tensors (loaded, empty, soft-reset or copied there), so nothing else sees them change."""
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for name, tensor in state.tensors().items():
+        targets.extend(getattr(slot.state, name) for slot in slots)
+        sources.extend(tensor.split(1))
+    torch._foreach_copy_(targets, sources)
+
+
 # --- the engine -------------------------------------------------------------------------------
 
 
@@ -270,6 +284,7 @@ class ServingEngine:
         self._delta_cache: dict[str, tuple[float, BitDelta | DenseDelta | None]] = {}
         self.version = ""
         self.model: ReverieLM | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         self._load_version(ensure_current_version(self.registry, storage, config.preset))
         self.states = UserStates(self.store, config.users_per_replica, config.device, config.save_interval_s,
                                  config.save_threads)
@@ -282,6 +297,8 @@ class ServingEngine:
         model_config = config_of_manifest(manifest, self.config.preset)
         if self.model is None or self.model.config != model_config:
             self.model = ReverieLM(model_config).to(self.config.device).eval()
+            on_gpu = self.config.cuda_graphs and torch.device(self.config.device).type == "cuda"
+            self.decode_graphs = DecodeGraphs(self.model) if on_gpu else None
         load_weights(self.model, tensors, source=f"checkpoint {version}")
         self.version = version
         self._delta_cache.clear()
@@ -361,13 +378,13 @@ class ServingEngine:
         handle = apply_delta(self.model, delta, base_version=self.version) if delta is not None else None
         try:
             outputs, state = generate_batch(self.model, [r.prompt for r in requests],
-                                            FastState.cat([s.state for s in slots]), generation)
+                                            FastState.cat([s.state for s in slots]), generation, self.decode_graphs)
         finally:
             if handle is not None:
                 remove_delta(self.model, handle)
         if first.learn:  # learn=false reads the users' memory but leaves it as it was
-            for i, slot in enumerate(slots):
-                slot.state = state.rows(slice(i, i + 1)).clone()
+            _copy_rows_into(slots, state)
+            for slot in slots:
                 slot.turns += 1
             self.states.save_behind(slots, state.to("cpu"))
         replies = []

@@ -1,0 +1,154 @@
+"""The one-byte decoding step captured as CUDA graphs, for serving batches of any size.
+
+Why: a small model's decode step is a few hundred tiny kernels, so on a GPU its time is the
+host launching them (the serving bench measured 4-5 ms a step for `tiny` at 32 users on the
+H100, most of a batch's time). A captured graph replays them in one launch. A serving replica
+sees batches of every size, so a batch is padded to a bucket (the next power of two) and each
+(bucket, learn) pair is captured once, on first use.
+
+A graph reads fixed addresses: the users' state lives in static buffers (loaded before the
+reply, read back after it), and the step copies its new state into them inside the graph. The
+weights are read where they live, so loading a new version or a user's delta in place
+(`load_weights`, `apply_delta`) is seen by the next replay; `DecodeGraphs` captures again only
+when a parameter moved to new memory. Where no graph can be captured (a CPU), the same buffers
+and steps run eagerly: that is what the tests check against `ReverieLM.step`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from model.fast_state import FastState
+from model.lm import ReverieLM
+from model.memory import SpanPlan
+
+log = logging.getLogger(__name__)
+
+
+def sync_free_step(lm: ReverieLM, byte: torch.Tensor, state: FastState, learn: bool, donate_state: bool = False
+                   ) -> tuple[torch.Tensor, FastState]:
+    """`lm.step` without host syncs: whose span ends is a (b,) mask computed on the device, and the
+    working memory takes its cached path (right for an empty cache too). byte (b,) -> logits (b, 1, 256)."""
+    span = lm.config.span
+    closes = (state.pos % span) + 1 == span
+    return lm._run(byte[:, None], state, learn, lm.config.n_layers, SpanPlan.one_byte(closes, byte.shape[0]),
+                   fresh=False, donate_state=donate_state)
+
+
+class GraphedStep:
+    """One decode step for a fixed batch of users, over static state buffers.
+
+    `load` copies a state into the first rows; each call feeds one byte per user and returns their
+    logits, advancing the buffers; `state` reads the rows back. Rows past the loaded users (a
+    bucket's padding) hold whatever was there and are computed and ignored: users never mix.
+    capture=False runs the same step eagerly (no CUDA); compile: the step goes through
+    torch.compile first (inductor fuses its small ops), as `bench/gpu_suite.py` measures.
+    """
+
+    def __init__(self, lm: ReverieLM, batch: int, learn: bool, device: torch.device, capture: bool,
+                 compile: bool = False, pool: tuple | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.lm, self.batch, self.learn = lm, batch, learn
+        self.run_step = torch.compile(sync_free_step, dynamic=False) if compile else sync_free_step
+        self.buffers = FastState.empty(lm.config, batch, device=device, dtype=dtype)
+        self.byte = torch.zeros(batch, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = torch.zeros(batch, 256, device=device, dtype=dtype)
+        if capture:
+            self._capture(pool)
+
+    def _advance(self) -> torch.Tensor:
+        """The step from the buffers, its new state copied back into them. -> logits (batch, 256)."""
+        logits, out = self.run_step(self.lm, self.byte, self.buffers, self.learn, donate_state=True)
+        for name, tensor in out.tensors().items():
+            target = getattr(self.buffers, name)
+            if tensor is not target:  # a tensor written in place is the buffer itself
+                target.copy_(tensor)
+        return logits[:, 0]
+
+    def _capture(self, pool: tuple | None) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # warm-up: kernels built, workspaces allocated
+            for _ in range(3):
+                self._advance()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+            self.logits = self._advance()
+
+    def load(self, state: FastState) -> None:
+        """Put `state`'s users (at most `batch`) in the first rows of the buffers."""
+        if state.batch_size > self.batch:
+            raise ValueError(f"{state.batch_size} users do not fit a decode graph for {self.batch}")
+        for name, tensor in state.tensors().items():
+            getattr(self.buffers, name)[:state.batch_size].copy_(tensor)
+
+    @torch.no_grad()
+    def __call__(self, byte: torch.Tensor) -> torch.Tensor:
+        """byte (n,) for the n loaded users -> their logits (n, 256), a view valid until the next call."""
+        users = byte.shape[0]
+        self.byte[:users].copy_(byte)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._advance()
+        return self.logits[:users]
+
+    def state(self, users: int) -> FastState:
+        """The first `users` rows of the buffers, as a state of their own (a copy)."""
+        return self.buffers.rows(slice(0, users)).clone()
+
+
+@dataclass(frozen=True)
+class DecodeGraphConfig:
+    max_batch: int = 64  # larger batches decode eagerly (their launches are spread over more users)
+    capture: bool | None = None  # None: capture where the model is on a CUDA device; False: run eagerly
+    compile: bool = False  # torch.compile each step before capture (slower to start, fewer kernels)
+
+
+class DecodeGraphs:
+    """The graphed steps of one model, by (bucket, learn), captured on first use."""
+
+    def __init__(self, lm: ReverieLM, config: DecodeGraphConfig = DecodeGraphConfig()) -> None:
+        if config.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {config.max_batch}")
+        self.lm, self.config = lm, config
+        self.device = next(lm.parameters()).device
+        self.capture = self.device.type == "cuda" if config.capture is None else config.capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {self.device}")
+        self._steps: dict[tuple[int, bool, torch.dtype], GraphedStep] = {}
+        self._addresses = self._parameter_addresses()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def _parameter_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.lm.parameters()]
+
+    @staticmethod
+    def bucket(users: int) -> int:
+        """The batch a graph is captured for: the next power of two."""
+        return 1 << max(users - 1, 0).bit_length()
+
+    def step_for(self, state: FastState, learn: bool) -> GraphedStep | None:
+        """The step that decodes `state`'s users, loaded with it; None where they decode eagerly
+        (more users than max_batch, or a state on another device than the model)."""
+        users = state.batch_size
+        if users > self.config.max_batch or state.pos.device != self.device:
+            return None
+        addresses = self._parameter_addresses()
+        if addresses != self._addresses:  # parameters replaced, not written in place: graphs read old memory
+            log.info("model parameters moved; capturing the decode graphs again")
+            self._steps.clear()
+            self._addresses = addresses
+        key = (self.bucket(users), learn, state.scan_h.dtype)
+        step = self._steps.get(key)
+        if step is None:
+            log.info("capturing the decode step for %d users (learn=%s)", key[0], learn)
+            step = GraphedStep(self.lm, key[0], learn, self.device, self.capture, self.config.compile, self._pool,
+                               key[2])
+            self._steps[key] = step
+        step.load(state)
+        return step
