@@ -23,7 +23,7 @@ import torch
 
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.memory import SpanPlan
+from model.memory import SpanPlan, rules_built_each_call
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,13 @@ class GraphedStep:
     def _capture(self, pool: tuple | None) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():  # warm-up: kernels built, workspaces allocated
+        # Warm-up: kernels built, workspaces allocated, a compiled step traced as it will be captured.
+        with torch.cuda.stream(stream), torch.no_grad(), rules_built_each_call():
             for _ in range(3):
                 self._advance()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad(), rules_built_each_call():
             self.logits = self._advance()
 
     def load(self, state: FastState) -> None:

@@ -272,6 +272,24 @@ _autograd_write = write_slots  # what `close_spans` runs where the fused kernels
 _autograd_loop = None  # what `run_over_spans` runs for rows that all end a span (None: its own loop)
 
 
+_rules_built_each_call = False  # see rules_built_each_call
+
+
+@contextmanager
+def rules_built_each_call() -> Iterator[None]:
+    """Inside: `SlotMemory.stacked_rule` builds the write rule from the parameters at every call,
+    never from its cache. A decode step captured in a CUDA graph this way (model/decode_graph.py)
+    reads the parameters as they are at each replay, so weights loaded in place later (a new
+    version, a user's delta) are used; a cached stack would go stale. Its warm-up runs inside too,
+    so a compiled step is not recompiled (a guard on this flag) while the graph is captured."""
+    global _rules_built_each_call
+    previous, _rules_built_each_call = _rules_built_each_call, True
+    try:
+        yield
+    finally:
+        _rules_built_each_call = previous
+
+
 @contextmanager
 def compiled_writes(enabled: bool = True, backend: str = "inductor", loops: bool = False) -> Iterator[None]:
     """Inside: the writes that need autograd (training; the fused kernels have no backward) run
@@ -322,9 +340,8 @@ class SlotMemory(nn.Module):
         """One write rule for like memories (or one), so their writes run as one `write_slots`.
         Without autograd (serving decodes a byte at a time) the rule is kept and built again only
         when a parameter changed (a new version, a delta, a move): its stacks are ~10 small ops.
-        A CUDA graph being captured builds it inside the graph: replays must read the parameters
-        as they are then, not a stack a later in-place load left stale (model/decode_graph.py)."""
-        if torch.is_grad_enabled() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        Inside `rules_built_each_call` it is built every time (a CUDA graph's capture)."""
+        if torch.is_grad_enabled() or _rules_built_each_call:
             return cls._build_rule(memories)
         ids = list(map(id, memories))
         cached = memories[0].__dict__.get("_cached_rule")  # (memories, their parameters, versions, rule)
