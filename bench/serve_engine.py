@@ -3,8 +3,9 @@
 `bench/serve_load.py` measures the whole path (clients, Serve's proxy, the replica); this runs
 `ServingEngine.serve_batch` directly on batches of `--users` users, learn on and off alternating
 in rounds, and splits each batch's wall time into parts: reading the prompts (prefill), the decode
-steps, fetching user states, handing states to the saver, the experience log, and the rest
-(sampling, per-user state rows). On a GPU the host syncs wait for the kernels queued before them,
+steps, fetching user states, copying each user's new state back (keep_rows), the batch's states
+to host memory (to_host), handing them to the saver, the experience log, and the rest (sampling,
+building replies). On a GPU the host syncs wait for the kernels queued before them,
 so their time is counted where the sync is: in the decode for eager steps; with the decode steps
 CUDA-graphed (the default on a GPU, model/decode_graph.py) the decode part is the replays'
 launches, and the wait for their kernels lands in `other`, where the replies are read back.
@@ -38,11 +39,13 @@ from model.decode_graph import GraphedStep  # noqa: E402
 from model.lm import ReverieLM  # noqa: E402
 from storage.experience import ExperienceWriter  # noqa: E402
 from workers.serving_api import GenerateRequest  # noqa: E402
+from workers import serving_engine  # noqa: E402
 from workers.serving_engine import ServingConfig, ServingEngine, UserStates  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_engine.json"
 PARTS = {"prefill": [(model.generate, "_prefill")], "decode": [(ReverieLM, "step"), (GraphedStep, "__call__")],
-         "get_state": [(UserStates, "get")], "save_behind": [(UserStates, "save_behind")],
+         "get_state": [(UserStates, "get")], "keep_rows": [(serving_engine, "_copy_rows_into")],
+         "to_host": [(serving_engine, "_batch_on_host")], "save_behind": [(UserStates, "save_behind")],
          "log": [(ExperienceWriter, "append")]}
 
 

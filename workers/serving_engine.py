@@ -263,6 +263,17 @@ def _copy_rows_into(slots: list[UserSlot], state: FastState) -> None:
     torch._foreach_copy_(targets, sources)
 
 
+def _batch_on_host(state: FastState) -> FastState:
+    """The batch's states in host memory, for the saver. From a GPU: into pinned memory, every
+    tensor's copy queued at once and one wait for all (a pageable copy waits and goes through a
+    bounce buffer each; `base` moves 8.8 MB a user)."""
+    if state.pos.device.type != "cuda":
+        return state.to("cpu")
+    on_host = state.map(lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
+    torch.cuda.current_stream(state.pos.device).synchronize()
+    return on_host
+
+
 # --- the engine -------------------------------------------------------------------------------
 
 
@@ -386,7 +397,7 @@ class ServingEngine:
             _copy_rows_into(slots, state)
             for slot in slots:
                 slot.turns += 1
-            self.states.save_behind(slots, state.to("cpu"))
+            self.states.save_behind(slots, _batch_on_host(state))
         replies = []
         for request, slot, output in zip(requests, slots, outputs):
             record = ExperienceRecord(user_id=request.user_id, session_id=slot.session_id, prompt=request.prompt,
