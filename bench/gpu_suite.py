@@ -56,9 +56,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.baselines import GPT  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
+from model.decode_graph import GraphedStep  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
-from model.decode_graph import GraphedStep  # noqa: E402
 from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput

@@ -55,7 +55,7 @@ class GraphedStep:
         self.buffers = FastState.empty(lm.config, batch, device=device, dtype=dtype)
         self.byte = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits = torch.zeros(batch, 256, device=device, dtype=dtype)
+        self.logits: torch.Tensor  # (batch, 256): the captured step's output, or the last eager step's
         if capture:
             self._capture(pool)
 

@@ -141,9 +141,9 @@ def generate_batch(model: ReverieLM, prompts: list[bytes], state: FastState, con
             sampled.append(byte)
         if graphed is not None:
             logits = graphed(byte)
-            continue
-        logits, state = model.step(byte, state, learn=config.learn, donate_state=True, positions=positions)
-        positions = [p + 1 for p in positions]
+        else:
+            logits, state = model.step(byte, state, learn=config.learn, donate_state=True, positions=positions)
+            positions = [p + 1 for p in positions]
     if graphed is not None:
         state = graphed.state(len(prompts))
     if sampled:
