@@ -1,4 +1,4 @@
-"""Where a step's GPU time goes: one training or decode step under torch.profiler, kernels grouped.
+"""Where a step's GPU time goes: one training, decode or sleep step under torch.profiler, kernels grouped.
 
 A CUDA graph hides its kernels from the profiler, so this runs the step the suite captures
 (bench/gpu_suite.py) without the graph and sums the GPU time of its kernels by name: the next
@@ -8,6 +8,7 @@ bench/results/kernel_profile.json under its name.
     python bench/kernel_profile.py train                      # base, b=16, T=2048, writes compiled
     python bench/kernel_profile.py train --compile-layers     # as reverie-graph-compiled
     python bench/kernel_profile.py decode --batch 256 --learn --compile   # one graph+compile step
+    python bench/kernel_profile.py sleep --batch 64 --seq-len 256 --ops   # one shared-bulk sleep step
     python bench/kernel_profile.py train --preset tiny --batch 2 --seq-len 128   # anywhere (CPU ops)
 """
 
@@ -66,6 +67,45 @@ def decode_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -
     return step
 
 
+def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """One step of `model.consolidation.consolidate` as the suite's shared bulk run times it: the
+    student reads tonight's, earlier and rehearsal rows, the teacher (with a user's state) tonight's."""
+    import random
+
+    from model.consolidation import Replay, SleepConfig, _step_losses, anchor_penalty
+
+    config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
+    teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
+    if args.compile_layers:
+        for model in (lm, teacher):
+            model.compile_layers()
+    texts = [f"user: remember that door {i} is blue. assistant: noted, door {i} is blue.".encode() for i in range(512)]
+    replay = Replay(texts=texts, state=warm_state(lm.config, 1, device, seed=7, start=4 * lm.config.span),
+                    earlier=texts[:64])
+    rehearsal = torch.randint(32, 127, (200_000,), dtype=torch.uint8)
+    anchor = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    lm.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts = _step_losses(lm, teacher, replay, rehearsal, config, rng, generator, device)
+        loss = sum(parts.values()) + config.anchor_weight * anchor_penalty(lm, anchor)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), config.grad_clip)
+        optimizer.step()
+    return step
+
+
+def op_table(prof: profile) -> list[dict]:
+    """Device time by the operator that launched it (aten ops, compiled graphs), self time only."""
+    rows = [{"op": e.key[:90], "count": e.count, "ms": round(e.self_device_time_total / 1000.0, 3)}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
 def kernel_table(prof: profile, cuda: bool) -> dict[str, list[float]]:
     kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
@@ -79,16 +119,17 @@ def kernel_table(prof: profile, cuda: bool) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train", "decode"))
+    parser.add_argument("what", choices=("train", "decode", "sleep"))
     parser.add_argument("--preset", default="base")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=2048, help="train: bytes per row")
+    parser.add_argument("--seq-len", type=int, default=2048, help="train, sleep: bytes per row")
     parser.add_argument("--eager-writes", action="store_true", help="train: the eager memory write, not the compiled one")
-    parser.add_argument("--compile-layers", action="store_true", help="train: ReverieLM.compile_layers() first")
+    parser.add_argument("--compile-layers", action="store_true", help="train, sleep: ReverieLM.compile_layers() first")
     parser.add_argument("--compile-loops", action="store_true",
                         help="train: each memory's span loop as one compiled function (compiled_writes(loops=True))")
     parser.add_argument("--learn", action="store_true", help="decode: write fast memory")
     parser.add_argument("--compile", action="store_true", help="decode: torch.compile the step")
+    parser.add_argument("--ops", action="store_true", help="also the device time by the operator that launched it")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -101,6 +142,10 @@ def main() -> None:
         name = (f"train, writes {'eager' if args.eager_writes else 'compiled'}" + (", loops compiled" if args.compile_loops else "")
                 + (", layers compiled" if args.compile_layers else ""))
         settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers, "compile_loops": args.compile_loops}
+    elif args.what == "sleep":
+        step = sleep_step(lm, args, device)
+        name = f"sleep b={args.batch}x{args.seq_len}" + (", layers compiled" if args.compile_layers else "")
+        settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers}
     else:
         step = decode_step(lm, args, device)
         name = f"decode b={args.batch}, learn {'on' if args.learn else 'off'}" + (", compiled" if args.compile else "")
@@ -123,11 +168,15 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "kernel_ms_total": round(total_ms, 3), "kernels": launches, "top": rows[:args.top]}
+    if args.ops:
+        result["top_ops"] = op_table(prof)[:args.top]
     save_section(RESULTS, name, result)
     print(f"{name} ({args.preset}, b={args.batch}): {launches} kernels, {total_ms:.2f} ms of kernel time")
     print(f"{'ms':>9} {'share':>6} {'count':>7}  kernel")
     for row in rows[:args.top]:
         print(f"{row['ms']:9.3f} {row['ms'] / total_ms:6.1%} {row['count']:7d}  {row['name']}")
+    for row in result.get("top_ops", []):
+        print(f"{row['ms']:9.3f} {row['ms'] / total_ms:6.1%} {row['count']:7d}  op {row['op']}")
 
 
 if __name__ == "__main__":

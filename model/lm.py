@@ -52,19 +52,25 @@ class Layer(nn.Module):
         self.span = config.span
 
     def forward(self, x: torch.Tensor, state: LayerState, plan: SpanPlan, learn: bool,
-                last: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
+                last: torch.Tensor | None = None, skip_memory: bool = False) -> tuple[torch.Tensor, LayerState]:
         """The plan's last row (its trace sums and span ends) is left to `ReverieLM._close_last_spans`.
-        last: (b,) each user's last position in a right-padded batch (None: all T - 1)."""
+        last: (b,) each user's last position in a right-padded batch (None: all T - 1).
+        skip_memory: PM is neither read nor written (learn off over empty memory: its reads are zero)."""
         u = self.mix_norm(x)
         y, carry = self.mixer(u, state.carry, last)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
-            wide = float32_or_wider(u)
-            queries = F.normalize(u.to(wide), dim=-1)
-            run = run_over_spans(self.procedural, queries, y.to(wide), state.slots, state.trace, plan, self.span,
-                                 learn, close_last=False)
-        x = x + y + run.reads.to(x.dtype)
+        x = x + y
+        if skip_memory:
+            returned = LayerState(carry, state.slots, state.trace, state.writes)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
+                wide = float32_or_wider(u)
+                queries = F.normalize(u.to(wide), dim=-1)
+                run = run_over_spans(self.procedural, queries, y.to(wide), state.slots, state.trace, plan, self.span,
+                                     learn, close_last=False)
+            x = x + run.reads.to(x.dtype)
+            returned = LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
         x = x + self.ff(self.ff_norm(x))
-        return x, LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
+        return x, returned
 
 
 class Block(nn.Module):
@@ -148,6 +154,16 @@ class ReverieLM(nn.Module):
             block.episodic.queries = torch.compile(block.episodic.queries, backend=backend)
         self.working_memory.compile(backend=backend)
 
+    def autocast_matrices(self) -> dict[str, nn.Parameter]:
+        """The weights autocast casts at every call: the linear layers of the mixers, feed-forwards
+        and working memory, by name. (The memories' own layers run with autocast off, in float32;
+        the tied head is small.) A CUDA-graphed decode step holds them in bf16 instead
+        (model/decode_graph.py): inside a graph or a compiled step the casts run at every step."""
+        modules = [part for block in self.blocks for layer in block.layers for part in (layer.mixer, layer.ff)]
+        wanted = {id(linear.weight) for module in (*modules, self.working_memory) for linear in module.modules()
+                  if isinstance(linear, nn.Linear)}
+        return {name: p for name, p in self.named_parameters() if id(p) in wanted}
+
     # --- forward -------------------------------------------------------------------------------
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor):
@@ -169,7 +185,8 @@ class ReverieLM(nn.Module):
                 positions: list[int] | None = None) -> tuple[torch.Tensor, FastState]:
         """tokens: (b, T) bytes; state: FastState for b users (None = empty).
 
-        learn=False reads fast memory but writes none. active_layers < n_layers exits early
+        learn=False reads fast memory but writes none; from no state there is nothing to read, so
+        the memories are skipped (the sleep's student). active_layers < n_layers exits early
         through the shared head; skipped layers and memories keep their state. lengths: each
         user's bytes when users of different lengths come right-padded to T (None: T each); each
         user's state then moves by its own bytes only, and its logits past them are padding.
@@ -183,6 +200,7 @@ class ReverieLM(nn.Module):
         tokens = tokens.long()
         batch, length = tokens.shape
         span = self.config.span
+        empty_memory = state is None and not learn
         if state is None:  # the empty state's positions are known without asking the device
             state = FastState.empty(self.config, batch, device=tokens.device)
             positions = [0] * batch
@@ -210,17 +228,19 @@ class ReverieLM(nn.Module):
             plan = SpanPlan.of(phases, length, span, tokens.device, lengths)
         own = None if lengths is None else torch.tensor(lengths, device=tokens.device)
         logits, new_state = self._run(tokens, state, learn, active, plan, fresh=not any(positions), lengths=own,
-                                      donate_state=donate_state)
+                                      donate_state=donate_state, empty_memory=empty_memory)
         self.last_metrics = {"active_params": self.active_params(active), "active_layers": active,
                              "latency_ms": (time.perf_counter() - started) * 1000.0,
                              "complexity": float("nan")}  # set by model.adaptive.AdaptiveDepth when it chose the depth
         return logits, new_state
 
     def _run(self, tokens: torch.Tensor, state: FastState, learn: bool, active: int, plan: SpanPlan, fresh: bool,
-             lengths: torch.Tensor | None = None, donate_state: bool = False) -> tuple[torch.Tensor, FastState]:
+             lengths: torch.Tensor | None = None, donate_state: bool = False, empty_memory: bool = False
+             ) -> tuple[torch.Tensor, FastState]:
         """The network over tokens (b, T) from `state`, with no host syncs (CUDA-graph capturable
         for fixed arguments). fresh: every user is at position 0 with empty working memory.
-        lengths: (b,) each user's bytes of a right-padded batch (None: T each)."""
+        lengths: (b,) each user's bytes of a right-padded batch (None: T each). empty_memory: the
+        PMs and EMs hold nothing and learn is off, so every read would be zero: none is made."""
         last = None if lengths is None else lengths - 1
         writes = state.writes
         x = self.embed(tokens)
@@ -235,7 +255,7 @@ class ReverieLM(nn.Module):
                 given = LayerState(state.scan_h[:, index],
                                    Slots(state.pm_k[:, index], state.pm_v[:, index], state.pm_s[:, index]),
                                    Trace(state.pm_elig_k[:, index], state.pm_elig_v[:, index]), writes)
-                x, returned = layer(x, given, plan, learn, last)
+                x, returned = layer(x, given, plan, learn, last, skip_memory=empty_memory)
                 writes = returned.writes
                 _collect(rows, LAYER_FIELDS, (given.carry, *given.slots, *given.trace),
                          (returned.carry, *returned.slots, *returned.trace))
@@ -245,13 +265,15 @@ class ReverieLM(nn.Module):
             else:
                 slots = Slots(state.em_k[:, b], state.em_v[:, b], state.em_s[:, b])
                 trace = Trace(state.em_elig_k[:, b], state.em_elig_v[:, b])
-                x, run = block.recall(x, slots, trace, plan, learn)
-                writes = writes + run.writes
-                _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*run.slots, *run.trace))
-                if run.pending is not None:
-                    pending[EpisodicMemory].append(run.pending)
+                if not empty_memory:
+                    x, run = block.recall(x, slots, trace, plan, learn)
+                    writes = writes + run.writes
+                    _collect(rows, BLOCK_FIELDS, (*slots, *trace), (*run.slots, *run.trace))
+                    if run.pending is not None:
+                        pending[EpisodicMemory].append(run.pending)
                 if b == 0:
-                    out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh, lengths)
+                    out, *wm = self.working_memory(self.wm_norm(x), *wm, state.pos, fresh, lengths,
+                                                   in_place=donate_state)
                     x = x + out
                 continue
             break

@@ -240,6 +240,17 @@ def test_compiled_span_loops_give_the_eager_loss_gradients_and_state():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["pm", "em"])
+def test_a_read_of_one_query_equals_it_read_among_others(kind):
+    """Decoding reads one query a row by its own path (PM without a matrix product, EM's top k
+    values gathered): it must give what the batched read of many queries gives."""
+    memory = make_memory(kind, seed=11)
+    queries, _, slots, _ = random_inputs(5, seed=12)
+    together = memory.read(queries, slots)
+    for t in range(queries.shape[1]):
+        torch.testing.assert_close(memory.read(queries[:, t:t + 1], slots), together[:, t:t + 1], rtol=1e-12, atol=1e-12)
+
+
 def test_forward_without_writes_shares_the_memory_tensors_of_the_given_state():
     torch.manual_seed(0)
     lm = ReverieLM(preset("tiny")).eval()

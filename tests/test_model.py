@@ -326,6 +326,26 @@ def test_positions_given_by_the_caller_give_the_same_step():
         lm.step(byte, state, positions=[21, 31])
 
 
+def test_learn_off_from_no_state_skips_the_empty_memories_and_changes_nothing(tiny_model):
+    """A forward given no state with learn off (the sleep's student) reads no PM or EM: empty
+    memories read zero. Its logits, state and gradients equal those of reading them."""
+    tokens = random_bytes(2, 40, seed=8)
+    results = []
+    for state in (None, FastState.empty(TINY, 2)):  # what a forward given no state starts from
+        tiny_model.zero_grad(set_to_none=True)
+        logits, after = tiny_model(tokens, state, learn=False)
+        logits.square().mean().backward()
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in tiny_model.named_parameters()}
+        results.append((logits.detach(), after, grads))
+    (skipped, skipped_state, skipped_grads), (read, read_state, read_grads) = results
+    torch.testing.assert_close(skipped, read, rtol=0, atol=0)
+    for name, tensor in read_state.tensors().items():
+        torch.testing.assert_close(skipped_state.tensors()[name], tensor, rtol=0, atol=0, msg=name)
+    for name, grad in read_grads.items():
+        torch.testing.assert_close(skipped_grads[name], grad, rtol=0, atol=0, msg=name)
+    tiny_model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("learn", [True, False])
 def test_decoding_through_decode_graph_buffers_equals_plain_decoding(tiny_model_f64, learn):
     """The serving path of model/decode_graph.py (static buffers, a batch padded to its bucket, the
@@ -347,6 +367,27 @@ def test_decoding_through_decode_graph_buffers_equals_plain_decoding(tiny_model_
         for name, tensor in want_state.tensors().items():
             torch.testing.assert_close(got_state.tensors()[name], tensor, rtol=1e-9, atol=1e-9, msg=name)
     assert list(graphs._steps) == [(4, learn, torch.float64)]  # three users share the bucket of four
+
+
+def test_a_decode_step_holding_its_matrices_in_bf16_equals_autocast_and_sees_weights_loaded_in_place(tiny_model):
+    """GraphedStep(matrix_dtype=bf16) under autocast: the casts autocast would make at every step
+    are made once a batch (`load`), so the step must give autocast's logits, also after a weight
+    changed in place."""
+    from model.decode_graph import GraphedStep
+
+    state = tiny_model(random_bytes(2, 21, seed=4))[1]
+    byte = torch.tensor([7, 200])
+    step = GraphedStep(tiny_model, 2, True, torch.device("cpu"), capture=False, matrix_dtype=torch.bfloat16)
+    assert step.matrices and all(m.dtype == torch.bfloat16 for m in step.matrices.values())
+    with torch.no_grad():
+        for change in (False, True):
+            if change:
+                next(iter(step.weights.values())).mul_(1.5)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want, _ = tiny_model.step(byte, state.clone())
+                step.load(state)
+                got = step(byte)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_decode_graphs_leave_large_batches_to_plain_decoding_and_recapture_moved_parameters(tiny_model):
