@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu_suite import warm_state  # noqa: E402
-from model.decode_graph import sync_free_step  # noqa: E402
+from model.decode_graph import GraphedStep  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
@@ -54,16 +54,20 @@ def training_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device)
 
 
 def decode_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
-    """The suite's decode step (sync-free, donated state) from a warm state at 2K context."""
+    """The suite's decode step (`GraphedStep`: sync-free, donated buffers, autocast's matrices held
+    in bf16 on a GPU) from a warm state at 2K context, run without its graph."""
     lm.eval()
-    holder = {"state": warm_state(lm.config, args.batch, device, seed=args.batch, start=lm.config.max_seq_len)}
+    cuda = device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        decode = GraphedStep(lm, args.batch, args.learn, device, capture=False, compile=args.compile,
+                             matrix_dtype=torch.bfloat16 if cuda else None)
+        decode.load(warm_state(lm.config, args.batch, device, seed=args.batch, start=lm.config.max_seq_len))
     byte = torch.randint(0, 256, (args.batch,), device=device)
-    run = torch.compile(sync_free_step, dynamic=False) if args.compile else sync_free_step
 
     @torch.no_grad()
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, holder["state"] = run(lm, byte, holder["state"], args.learn, donate_state=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            decode(byte)
     return step
 
 
