@@ -676,7 +676,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
 
 
 def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
-    from model.consolidation import Replay, SleepConfig, consolidate
+    from model.consolidation import METHODS, Replay, SleepConfig, consolidate
 
     config = preset(sizes.sleep_preset)
     rng = random.Random(0)
@@ -715,23 +715,27 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
-    def shared_bulk(compile: bool = False) -> dict:
+    def shared_bulk(compile: bool = False, support_fraction: float = 1.0) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
-        SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run)."""
+        SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
+        support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows)."""
         batch, seq_len = sizes.sleep_bulk
         texts = [interaction() for _ in range(4096)]
-        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile)
+        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
+                                   support_fraction=support_fraction)
         step_s = run(bulk, texts, sizes.sleep_steps)
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,
+                "support_fraction": support_fraction,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
                 "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
 
     rec.item("per_user_night", per_user_night)
     rec.item("shared_bulk", shared_bulk)
+    rec.item("shared_bulk lean", lambda: shared_bulk(support_fraction=METHODS["reverie_lean"].support_fraction))
     if device.type == "cuda":
         rec.item("shared_bulk compiled", lambda: shared_bulk(compile=True), min_left_s=60)
 

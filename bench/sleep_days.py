@@ -7,6 +7,8 @@ Then fast memory is wiped and every fact taught so far is probed by exact-match 
 held-out bpb is measured, and each user's facts are probed with another user's weights (leakage).
 
 Methods: reverie (replay + distill + the user's earlier turns replayed + corpus rehearsal + anchor),
+reverie_lean (the same with a quarter of the earlier and rehearsal rows: a bulk night's speed lever,
+measured to forget some earlier facts),
 no_sleep, naive_finetune (the day's turns only), rehearsal_only (the day's turns + corpus rehearsal).
 Every method gets each user's earlier turns; only recipes with `earlier_replay` use them.
 The sleep here is `model.consolidation.sleep` called directly (the same function the Ray tasks of
@@ -142,7 +144,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--base", help="safetensors weights of a pretrained model of --preset (skips pretraining)")
     parser.add_argument("--steps", type=int, help="sleep steps per user per night (default: each recipe's own)")
-    parser.add_argument("--methods", default="reverie,no_sleep,naive_finetune,rehearsal_only")
+    parser.add_argument("--methods", default="reverie,reverie_lean,no_sleep,naive_finetune,rehearsal_only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)

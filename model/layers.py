@@ -143,7 +143,7 @@ class WorkingMemory(nn.Module):
         """One byte per user (decoding): its key and value go into the ring first, then the query
         attends to the ring alone, which now holds exactly the window. Joining cache and key would
         copy the whole cache every step (and cast it, under autocast): on the H200, at 256 users of
-        `base`, that copy and the ring's out-of-place update were ~0.33 of a ~2.1 ms step.
+        `base`, that copy and the ring's out-of-place update took 0.33 ms of a 2.1 ms step.
 
         The ring is written by indexed assignment, which a compiled step keeps in place (a
         `scatter_` it copied whole, twice). The attention of one query is written out as products

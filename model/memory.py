@@ -202,9 +202,11 @@ def strength_weighted_combine(scores: torch.Tensor, slots: Slots) -> torch.Tenso
 
 def one_query_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """queries (..., 1, d) against keys (..., m, d) -> (..., 1, m), as a product and a sum rather
-    than a batched matrix product of one row: that runs as a cuBLAS gemv, which took ~15 us per
-    PM read of `base` at 256 users on the H200 (6 MB of keys, ~1.5 us of bandwidth), where the
-    compiled decode step fuses this into one reduction. For few keys only: it makes (m, d) terms."""
+    than a batched matrix product of one row, so that a compiled decode step fuses a PM read into
+    one kernel instead of two cuBLAS gemv calls. Not a measured gain: on the H200 (`base`, 256
+    users, 12 MB a read, ~3 us of bandwidth) the gemv pair took ~11 us, and the fused kernels whose
+    names match these reads take ~17 us (bench/NOTES.md, session 10). For few keys only: it makes
+    (m, d) terms."""
     return (queries * keys).sum(-1)[..., None, :]
 
 

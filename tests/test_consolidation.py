@@ -122,6 +122,28 @@ def test_naive_recipe_turns_off_distill_earlier_replay_rehearsal_and_anchor():
         SleepConfig(replay=False, distill=False)
 
 
+def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
+    """support_fraction cuts the rows of the earlier and rehearsal streams, not the replayed ones,
+    and every ingredient still reports its loss."""
+    import random
+
+    from model.consolidation import _step_losses
+    from model.corpus import as_tensor
+
+    lean = dataclasses.replace(METHODS["reverie_lean"], batch_size=8, seq_len=16)
+    torch.manual_seed(0)
+    student, teacher = ReverieLM(preset("tiny")), ReverieLM(preset("tiny")).eval()
+    read = []
+    student.register_forward_pre_hook(lambda module, args: read.append(tuple(args[0].shape)))
+    replay = Replay(texts=[fact.text() for fact in FACTS], earlier=[fact.text() for fact in OTHER_USER])
+    parts = _step_losses(student, teacher, replay, as_tensor(corpus.train[:5000]), lean, random.Random(0),
+                         torch.Generator().manual_seed(0), "cpu")
+    assert read == [(8 + 2 + 2, 16)]
+    assert set(parts) == {"replay_bpb", "earlier_bpb", "rehearsal_bpb", "distill"}
+    with pytest.raises(ValueError, match="support_fraction"):
+        SleepConfig(support_fraction=0.0)
+
+
 def test_bitdelta_personal_delta_round_trips_through_dense(slept, taught):
     model, _ = taught
     base, _, _, result = slept
