@@ -251,6 +251,19 @@ def test_a_read_of_one_query_equals_it_read_among_others(kind):
         torch.testing.assert_close(memory.read(queries[:, t:t + 1], slots), together[:, t:t + 1], rtol=1e-12, atol=1e-12)
 
 
+def test_one_query_attention_spelled_out_equals_torch_attention():
+    """The decoding step's attention as a compiled step runs it (products and sums) against
+    torch's kernel, which it runs eagerly; some keys masked, as in a ring not yet full."""
+    from model.layers import attend_one
+
+    g = torch.Generator().manual_seed(5)
+    query, keys, values = (torch.randn(3, 2, n, 8, generator=g, dtype=torch.float64) for n in (1, 6, 6))
+    within = torch.rand(3, 6, generator=g) < 0.6
+    within[:, 0] = True  # a user's newest key is always in the ring
+    torch.testing.assert_close(attend_one(query, keys, values, within, spelled_out=True),
+                               attend_one(query, keys, values, within, spelled_out=False), rtol=1e-12, atol=1e-12)
+
+
 def test_forward_without_writes_shares_the_memory_tensors_of_the_given_state():
     torch.manual_seed(0)
     lm = ReverieLM(preset("tiny")).eval()
