@@ -72,11 +72,12 @@ def decode_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -
 
 
 def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
-    """One step of `model.consolidation.consolidate` as the suite's shared bulk run times it: the
-    student reads tonight's, earlier and rehearsal rows, the teacher (with a user's state) tonight's."""
+    """One step of `model.consolidation.consolidate` (`sleep_step`) as the suite's shared bulk run
+    times it: the student reads tonight's, earlier and rehearsal rows, the teacher (with a user's
+    state) tonight's."""
     import random
 
-    from model.consolidation import Replay, SleepConfig, _step_losses, anchor_penalty
+    from model.consolidation import Replay, SleepConfig, sleep_step as one_step
 
     config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
     teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
@@ -88,19 +89,10 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
                     earlier=texts[:64])
     rehearsal = torch.randint(32, 127, (200_000,), dtype=torch.uint8)
     anchor = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
     lm.train()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            parts = _step_losses(lm, teacher, replay, rehearsal, config, rng, generator, device)
-        loss = sum(parts.values()) + config.anchor_weight * anchor_penalty(lm, anchor)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), config.grad_clip)
-        optimizer.step()
-    return step
+    return lambda: one_step(lm, teacher, replay, rehearsal, config, optimizer, anchor, rng, generator, device)
 
 
 def op_table(prof: profile) -> list[dict]:

@@ -204,9 +204,9 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, 
     parts: dict[str, Tensor] = {}
     stream_rows, start = {}, 0
     for stream, (x, _) in batches.items():
-        stream_rows[stream], start = slice(start, start + x.shape[0]), start + x.shape[0]
+        rows = stream_rows[stream] = slice(start, start + x.shape[0])
+        start = rows.stop
         if stream != "replay" or config.replay:
-            rows = stream_rows[stream]
             parts[f"{stream}_bpb"] = _lm_loss(logits[rows], targets[rows]) / math.log(2)
     if config.distill:
         with torch.no_grad():
@@ -220,6 +220,31 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, 
             parts["rehearsal_distill"] = _distill_loss(logits[rows], rehearsal_logits, targets[rows],
                                                        config.temperature, only_known=False)
     return parts
+
+
+def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, rehearsal: Tensor | None,
+               config: SleepConfig, optimizer: torch.optim.Optimizer, anchor: Mapping[str, Tensor] | None,
+               rng: random.Random, generator: torch.Generator, device: str | torch.device, step: int = 0
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimizer step of a night: the loss terms of `_step_losses` and the anchor, weighted,
+    then a clipped step. `consolidate` loops it; bench/kernel_profile.py profiles one. step: for
+    the error message. Returns the loss and its terms."""
+    with autocast(torch.device(device), config.amp):
+        parts = _step_losses(student, teacher, replay, rehearsal, config, rng, generator, device)
+    if anchor is not None:
+        parts["anchor"] = anchor_penalty(student, anchor)
+    scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
+              "rehearsal_distill": config.distill_weight,
+              "earlier_bpb": config.earlier_weight * math.log(2),
+              "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
+    loss = sum(scales[name] * value for name, value in parts.items())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"sleep loss became {loss.item()} at step {step}; lower SleepConfig.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss, parts
 
 
 def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence[Replay], rehearsal: bytes,
@@ -252,27 +277,13 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
-              "rehearsal_distill": config.distill_weight,
-              "earlier_bpb": config.earlier_weight * math.log(2),
-              "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
     totals: dict[str, list[float]] = {}
     window = max(1, config.steps // 4)
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        with autocast(torch.device(device), config.amp):
-            parts = _step_losses(student, teacher, replays[step % len(replays)], rehearsal_data, config, rng,
-                                 generator, device)
-        if anchor is not None:
-            parts["anchor"] = anchor_penalty(student, anchor)
-        loss = sum(scales[name] * value for name, value in parts.items())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"sleep loss became {loss.item()} at step {step}; lower SleepConfig.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
+        loss, parts = sleep_step(student, teacher, replays[step % len(replays)], rehearsal_data, config, optimizer,
+                                 anchor, rng, generator, device, step)
         if step >= config.steps - window:
             for name, value in parts.items():
                 totals.setdefault(name, []).append(float(value.detach()))

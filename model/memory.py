@@ -194,20 +194,7 @@ class WriteRule(NamedTuple):
 
 def strength_weighted_combine(scores: torch.Tensor, slots: Slots) -> torch.Tensor:
     """PM's read: sum_i s_i (q . k_i) v_i. scores (..., t, m) -> (..., t, d)."""
-    weights = scores * slots.strengths[..., None, :]
-    if weights.shape[-2] == 1:  # one query a row (decoding, a write): see `one_query_scores`
-        return (weights.mT * slots.values).sum(-2, keepdim=True)
-    return weights @ slots.values
-
-
-def one_query_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """queries (..., 1, d) against keys (..., m, d) -> (..., 1, m), as a product and a sum rather
-    than a batched matrix product of one row, so that a compiled decode step fuses a PM read into
-    one kernel instead of two cuBLAS gemv calls. Not a measured gain: on the H200 (`base`, 256
-    users, 12 MB a read, ~3 us of bandwidth) the gemv pair took ~11 us, and the fused kernels whose
-    names match these reads take ~17 us (bench/NOTES.md, session 10). For few keys only: it makes
-    (m, d) terms."""
-    return (queries * keys).sum(-1)[..., None, :]
+    return (scores * slots.strengths[..., None, :]) @ slots.values
 
 
 def top_k_combine(scores: torch.Tensor, slots: Slots, topk: int, sharpness: torch.Tensor) -> torch.Tensor:
@@ -407,11 +394,6 @@ class ProceduralMemory(SlotMemory):
 
     def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         return self.gain * self.retrieve(queries, slots)
-
-    def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
-        if queries.shape[-2] == 1:  # decoding: a few slots (the rank), see `one_query_scores`
-            return self.combine(one_query_scores(queries, slots.keys), slots)
-        return super().retrieve(queries, slots)
 
     @classmethod
     def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:

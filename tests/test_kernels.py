@@ -242,8 +242,8 @@ def test_compiled_span_loops_give_the_eager_loss_gradients_and_state():
 
 @pytest.mark.parametrize("kind", ["pm", "em"])
 def test_a_read_of_one_query_equals_it_read_among_others(kind):
-    """Decoding reads one query a row by its own path (PM without a matrix product, EM's top k
-    values gathered): it must give what the batched read of many queries gives."""
+    """Decoding reads one query a row (EM by its own path, its top k values gathered): it must give
+    what the batched read of many queries gives."""
     memory = make_memory(kind, seed=11)
     queries, _, slots, _ = random_inputs(5, seed=12)
     together = memory.read(queries, slots)
