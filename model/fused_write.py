@@ -24,12 +24,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule
 
 log = logging.getLogger(__name__)
+
+SCORES_CHUNK = 16384  # floats of slot keys a scores program reads; a memory larger than one chunk is split
 
 
 def fused_write_supported(slots: Slots) -> bool:
@@ -61,44 +64,77 @@ def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
                                               float(rule.budget), WRITE_THRESHOLD)
 
 
-@torch.compiler.disable  # launched as is inside a compiled step: inductor retypes its float arguments as fp64
 def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
                           closes: torch.Tensor | None) -> torch.Tensor:
-    """`write_slots_in_place` through the Triton kernel (float32; CUDA, or the interpreter)."""
-    kernel = _triton_kernel()
-    if kernel is None:
-        raise RuntimeError("the fused memory write on CUDA needs Triton (pip install triton); "
-                           "use model.memory.write_slots")
-    batch, count, m, d = slots.keys.shape
+    """`write_slots_in_place` through the Triton kernels (float32; CUDA, or the interpreter)."""
+    count = slots.keys.shape[1]
     for name, tensor in (("w1", rule.w1), ("b1", rule.b1), ("w2", rule.w2), ("b2", rule.b2)):
         if not tensor.is_contiguous() or tensor.shape[0] != count:
             raise ValueError(f"rule.{name} must be contiguous with {count} instances, got shape {tuple(tensor.shape)}")
-    writes = torch.zeros(batch, count, dtype=torch.int32, device=slots.keys.device)
+    return _triton_write(*slots, *trace, closes, rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness, rule.topk,
+                         float(span), float(rule.decay), float(rule.budget))
+
+
+# A custom op, so torch.compile keeps the write inside the compiled step instead of breaking the
+# graph there: a break inside `ReverieLM._close_last_spans`'s loop made dynamo run that whole
+# function eagerly (its trace adds, rule stacks and write counts: ~30 more kernels a step).
+@torch.library.custom_op("reverie::write_slots_in_place", mutates_args=("keys", "values", "strengths", "trace_keys",
+                                                                         "trace_values"))
+def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Tensor, trace_keys: torch.Tensor,
+                  trace_values: torch.Tensor, closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                  w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, span: float,
+                  decay: float, budget: float) -> torch.Tensor:
+    kernels = _triton_kernel()
+    if kernels is None:
+        raise RuntimeError("the fused memory write on CUDA needs Triton (pip install triton); "
+                           "use model.memory.write_slots")
+    batch, count, m, d = keys.shape
+    writes = torch.zeros(batch, count, dtype=torch.int32, device=keys.device)
+    closing = writes if closes is None else closes.to(torch.uint8)
+    split = m * d > SCORES_CHUNK
+    scores = torch.empty(batch, count, m, device=keys.device) if split else writes
+    if split:  # the keys read by many programs at once; the write's program takes the scores
+        block_s = max(1, min(_next_power_of_2(m), _previous_power_of_2(SCORES_CHUNK // d)))
+        block_d = min(_next_power_of_2(d), max(16, 16384 // block_s))
+        kernels.scores[(batch, count, -(-m // block_s))](
+            keys, trace_keys, closing, scores, *keys.stride(), *trace_keys.stride(), m, d,
+            HAS_CLOSES=closes is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     # A program streams its user's slots alone, so each step of its loop over d should have many
-    # bytes in flight: tiles of up to 16K floats (64 KB), 32 per thread.
+    # bytes in flight: tiles of up to 16K floats (64 KB), 32 per thread. Rows (trace, value, the
+    # slot written) go in one step where they fit 4K floats; PM's values are a tile again.
     block_m = _next_power_of_2(m)
     block_d = min(_next_power_of_2(d), max(16, 16384 // block_m))
+    block_v = min(_next_power_of_2(d), 4096) if sharpness is not None else block_d
     warps = max(4, min(16, block_m * block_d // 1024))
-    kernel[(batch, count)](
-        slots.keys, slots.values, slots.strengths, trace.keys, trace.values,
-        writes if closes is None else closes.to(torch.uint8), writes,  # not a view: inductor cannot lower bool views
-        rule.w1, rule.b1, rule.w2, rule.b2, rule.b2 if rule.sharpness is None else rule.sharpness,
-        *slots.keys.stride(), *slots.values.stride(), *slots.strengths.stride(),
-        *trace.keys.stride(), *trace.values.stride(),
-        m, d, float(span), float(rule.decay), float(rule.budget), WRITE_THRESHOLD,
-        HAS_CLOSES=closes is not None, TOPK=0 if rule.sharpness is None else rule.topk,
-        HIDDEN=rule.w1.shape[1], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
-    return writes.sum(1)
+    kernels.write[(batch, count)](
+        keys, values, strengths, trace_keys, trace_values, closing, writes, scores,
+        w1, b1, w2, b2, b2 if sharpness is None else sharpness,
+        *keys.stride(), *values.stride(), *strengths.stride(), *trace_keys.stride(), *trace_values.stride(),
+        m, d, span, decay, budget, WRITE_THRESHOLD,
+        HAS_CLOSES=closes is not None, SCORES_GIVEN=split, TOPK=0 if sharpness is None else topk,
+        HIDDEN=w1.shape[1], BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=warps)
+    return writes.sum(1, dtype=torch.int64)
+
+
+@_triton_write.register_fake
+def _(keys, values, strengths, trace_keys, trace_values, closes, w1, b1, w2, b2, sharpness, topk, span, decay,
+      budget):
+    return keys.new_empty(keys.shape[0], dtype=torch.int64)
+
+
+class _TritonKernels(NamedTuple):
+    write: object
+    scores: object
 
 
 @functools.cache
-def _triton_kernel():
-    """The Triton kernel, imported on first use: Triton is optional, and slow to import."""
+def _triton_kernel() -> _TritonKernels | None:
+    """The Triton kernels, imported on first use: Triton is optional, and slow to import."""
     try:
-        from model.write_kernel import kernel
+        from model.write_kernel import kernel, scores_kernel
     except ImportError:  # pragma: no cover - depends on the machine
         return None
-    return kernel
+    return _TritonKernels(kernel, scores_kernel)
 
 
 @functools.cache
@@ -121,3 +157,8 @@ def _cpu_kernel():
 
 def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def _previous_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+

@@ -299,8 +299,9 @@ class ReverieLM(nn.Module):
         new: the state's tensors (b, n, ...), updated here. pending: each memory's last-row sums
         (b, 1, d), by kind, in layer order. Without autograd the write runs as one fused kernel
         (model/fused_write.py) that changes only the slots it writes, in place; `kept`, the caller's
-        state unless donated, is copied first where `new` still shares its tensors. Returns writes
-        (b,) plus those made.
+        state unless donated, is copied first where `new` still shares its tensors. A donated
+        state's traces take the sums in place too, so a decode graph copies none of them back.
+        Returns writes (b,) plus those made.
         """
         layers = [layer.procedural for block in self.blocks for layer in block.layers]
         groups = ((ProceduralMemory, layers, PM_FIELDS), (EpisodicMemory, [block.episodic for block in self.blocks],
@@ -312,7 +313,10 @@ class ReverieLM(nn.Module):
                     continue
                 slot_names, trace_names = fields[:3], fields[3:]
                 for name, parts in zip(trace_names, zip(*sums)):
-                    new[name] = _add_to_first_rows(new[name], torch.cat(parts, dim=1))
+                    if kept is None and not torch.is_grad_enabled():  # a donated trace takes its sums in place
+                        _first_rows(new[name], count).add_(torch.cat(parts, dim=1))
+                    else:
+                        new[name] = _add_to_first_rows(new[name], torch.cat(parts, dim=1))
                 if closes is False:
                     continue
                 rule = kind.stacked_rule(memories[:count])

@@ -1,23 +1,31 @@
-"""The Triton program behind `model.fused_write` (imported only where Triton is installed).
+"""The Triton programs behind `model.fused_write` (imported only where Triton is installed).
 
-One program per (user, memory instance) of a stacked write; it does what `model.memory.write_slots`
-does for that pair, and empties the trace as `close_spans` does. Compiled for CUDA; with
-TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py), Triton's interpreter runs
-it on CPU tensors instead.
+`kernel`: one program per (user, memory instance) of a stacked write; it does what
+`model.memory.write_slots` does for that pair, and empties the trace as `close_spans` does.
+`scores_kernel`: the write's scores of the trace key against the slot keys, a chunk of slots per
+program. A large memory (EM at `base`: 256 slots x 768 floats, 786 KB a user) streamed by the
+write's one program per pair took 59 us at 256 users on the H200, for ~16 pairs whose span
+ended; spread over chunks its keys are read by many SMs at once, and `kernel` takes the scores.
+Compiled for CUDA; with TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py),
+Triton's interpreter runs them on CPU tensors instead.
 """
 
 import triton
 import triton.language as tl
 
 
-def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes, writes,
+def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes, writes, given_scores,
                        w1, b1, w2, b2, sharpness,
                        sk_b, sk_n, sk_m, sk_d, sv_b, sv_n, sv_m, sv_d, ss_b, ss_n, ss_m,
                        stk_b, stk_n, stk_d, stv_b, stv_n, stv_d,
                        m, d, span, decay, budget, threshold,
-                       HAS_CLOSES: tl.constexpr, TOPK: tl.constexpr, HIDDEN: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (user, instance): the comments name the lines of `write_slots` each step stands for."""
+                       HAS_CLOSES: tl.constexpr, SCORES_GIVEN: tl.constexpr, TOPK: tl.constexpr,
+                       HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    """One (user, instance): the comments name the lines of `write_slots` each step stands for.
+    SCORES_GIVEN: `scores_kernel` wrote the scores to given_scores ((b, n, m), contiguous).
+    BLOCK_D: the width of a (BLOCK_M, BLOCK_D) tile of slots; BLOCK_V: of one row (trace, value,
+    the slot written), so a row of `base` is one load, not a chain of 12 dependent ones."""
     user = tl.program_id(0)
     instance = tl.program_id(1)
     n = tl.num_programs(1)
@@ -28,16 +36,17 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
         slot = tl.arange(0, BLOCK_M)
         in_m = slot < m
         lane = tl.arange(0, BLOCK_D)
+        row_lane = tl.arange(0, BLOCK_V)
         key_row = keys + user * sk_b + instance * sk_n
         value_row = values + user * sv_b + instance * sv_n
         trace_key = trace_keys + user * stk_b + instance * stk_n
         trace_value = trace_values + user * stv_b + instance * stv_n
 
         # key = normalize(trace.keys); value = trace.values / span: their norms first.
-        key_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-        value_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(0, d, BLOCK_D):
-            at = start + lane
+        key_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
+        value_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, d, BLOCK_V):
+            at = start + row_lane
             tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
             tv = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0)
             key_sq += tk * tk
@@ -46,13 +55,16 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
         value_norm = tl.sqrt(tl.sum(value_sq, axis=0)) / span
 
         # scores = key @ slots.keys^T
-        scores = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, d, BLOCK_D):
-            at = start + lane
-            key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0) * inv_key_norm
-            tile = tl.load(key_row + slot[:, None] * sk_m + at[None, :] * sk_d,
-                           mask=in_m[:, None] & (at[None, :] < d), other=0.0)
-            scores += tl.sum(tile * key[None, :], axis=1)
+        if SCORES_GIVEN:
+            scores = tl.load(given_scores + (user * n + instance) * m + slot, mask=in_m, other=0.0)
+        else:
+            scores = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, d, BLOCK_D):
+                at = start + lane
+                key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0) * inv_key_norm
+                tile = tl.load(key_row + slot[:, None] * sk_m + at[None, :] * sk_d,
+                               mask=in_m[:, None] & (at[None, :] < d), other=0.0)
+                scores += tl.sum(tile * key[None, :], axis=1)
         strength_row = strengths + user * ss_b + instance * ss_n + slot * ss_m
         old = tl.load(strength_row, mask=in_m, other=0.0)
         used = (old > 0) & in_m
@@ -76,12 +88,23 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
             weights = tl.where(used, picked / total, 0.0)
 
         # predicted = read; surprise = |value - predicted| / (|value| + 1e-6)
-        miss_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(0, d, BLOCK_D):
-            at = start + lane
-            tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,  # EM: only its top-k rows
-                           mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
-            predicted = tl.sum(tile * weights[:, None], axis=0)
+        miss_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, d, BLOCK_V):
+            at = start + row_lane
+            if TOPK == 0:
+                tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,
+                               mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
+                predicted = tl.sum(tile * weights[:, None], axis=0)
+            else:  # EM: its top-k rows only, found again by weight (the others weigh 0)
+                predicted = tl.zeros([BLOCK_V], dtype=tl.float32)
+                remaining = weights
+                for _ in tl.static_range(TOPK):
+                    weight = tl.max(remaining, axis=0)
+                    pick = tl.argmax(remaining, axis=0)
+                    remaining = tl.where(slot == pick, -1.0, remaining)
+                    weighed = (at < d) & (tl.zeros([BLOCK_V], dtype=tl.float32) + weight != 0.0)
+                    row = tl.load(value_row + pick * sv_m + at * sv_d, mask=weighed, other=0.0)
+                    predicted += weight * row
             miss = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0) / span - predicted
             miss_sq += tl.where(at < d, miss * miss, 0.0)
         surprise = tl.sqrt(tl.sum(miss_sq, axis=0)) / (value_norm + 1e-6)
@@ -105,16 +128,50 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
         renewed = tl.where(taken, strength, decayed)
         scale = tl.minimum(budget / tl.maximum(tl.sum(tl.where(in_m, renewed, 0.0), axis=0), 1e-6), 1.0)
         tl.store(strength_row, renewed * scale, mask=in_m)
-        for start in range(0, d, BLOCK_D):
-            at = start + lane
+        for start in range(0, d, BLOCK_V):
+            at = start + row_lane
             tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
             tv = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0)
             written = tl.where(at < d, wrote, False)
             tl.store(key_row + weakest * sk_m + at * sk_d, tk * inv_key_norm, mask=written)
             tl.store(value_row + weakest * sv_m + at * sv_d, tv / span, mask=written)
-            tl.store(trace_key + at * stk_d, tl.zeros([BLOCK_D], dtype=tl.float32), mask=at < d)  # emptied
-            tl.store(trace_value + at * stv_d, tl.zeros([BLOCK_D], dtype=tl.float32), mask=at < d)
+            tl.store(trace_key + at * stk_d, tl.zeros([BLOCK_V], dtype=tl.float32), mask=at < d)  # emptied
+            tl.store(trace_value + at * stv_d, tl.zeros([BLOCK_V], dtype=tl.float32), mask=at < d)
         tl.store(writes + user * n + instance, wrote.to(tl.int32))
 
 
+def slot_scores_kernel(keys, trace_keys, closes, scores,
+                       sk_b, sk_n, sk_m, sk_d, stk_b, stk_n, stk_d, m, d,
+                       HAS_CLOSES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Chunk `program_id(2)` of one (user, instance)'s scores = normalize(trace.keys) @ keys^T,
+    into scores (b, n, m), contiguous; users whose span does not end are skipped."""
+    user = tl.program_id(0)
+    instance = tl.program_id(1)
+    n = tl.num_programs(1)
+    closing = True
+    if HAS_CLOSES:
+        closing = tl.load(closes + user) != 0
+    if closing:
+        slot = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+        in_m = slot < m
+        lane = tl.arange(0, BLOCK_D)
+        key_row = keys + user * sk_b + instance * sk_n
+        trace_key = trace_keys + user * stk_b + instance * stk_n
+        key_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            key_sq += tk * tk
+        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key_sq, axis=0)), 1e-12)
+        total = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for start in range(0, d, BLOCK_D):
+            at = start + lane
+            key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0) * inv_key_norm
+            tile = tl.load(key_row + slot[:, None] * sk_m + at[None, :] * sk_d,
+                           mask=in_m[:, None] & (at[None, :] < d), other=0.0)
+            total += tl.sum(tile * key[None, :], axis=1)
+        tl.store(scores + (user * n + instance) * m + slot, total, mask=in_m)
+
+
 kernel = triton.jit(write_slot_kernel)
+scores_kernel = triton.jit(slot_scores_kernel)

@@ -43,7 +43,8 @@ def stacked_rule(kind: str, count: int, d: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
 @pytest.mark.parametrize("kind", ["pm", "em"])
-@pytest.mark.parametrize("batch, count, total, slots, d", [(3, 2, 3, 6, 40), (4, 3, 3, 16, 64), (5, 1, 2, 5, 300)])
+@pytest.mark.parametrize("batch, count, total, slots, d",  # the last: the Triton write takes its scores from chunks
+                         [(3, 2, 3, 6, 40), (4, 3, 3, 16, 64), (5, 1, 2, 5, 300), (3, 2, 3, 40, 512)])
 @pytest.mark.parametrize("some_close", [True, False])
 def test_a_fused_write_equals_write_slots(kernel, kind, batch, count, total, slots, d, some_close):
     """Inputs are views of the first `count` of `total` instances, as the model passes them; the
@@ -114,3 +115,34 @@ def test_a_model_with_a_fused_write_decodes_as_with_the_torch_write(monkeypatch,
         torch.testing.assert_close(got_state.tensors()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     for name, tensor in kept.tensors().items():
         assert torch.equal(state.tensors()[name], tensor), f"the caller's {name} changed"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the CUDA write is a Triton kernel")
+@pytest.mark.parametrize("slots, d", [(6, 40), (40, 512)])
+def test_the_triton_write_stays_inside_a_compiled_graph(slots, d):
+    """The Triton write is a custom op, so torch.compile traces a decode step's end-of-call writes
+    whole (fullgraph: no break) and the compiled step writes the caller's buffers in place, as eager."""
+    g = torch.Generator().manual_seed(slots + d)
+    batch, count = 4, 2
+    state = [F.normalize(torch.randn(batch, count, slots, d, generator=g), dim=-1),
+             torch.randn(batch, count, slots, d, generator=g),
+             torch.rand(batch, count, slots, generator=g),
+             torch.randn(batch, count, d, generator=g), torch.randn(batch, count, d, generator=g)]
+    added = torch.randn(batch, count, d, generator=g)
+    closes = torch.tensor([True, False, True, True])
+    rule = stacked_rule("em", count, d, torch.float32)
+
+    def close(keys, values, strengths, trace_keys, trace_values, sums):
+        trace_keys.add_(sums)  # as the model's donated traces take their last sums
+        return triton_write_in_place(rule, Slots(keys, values, strengths), Trace(trace_keys, trace_values), SPAN,
+                                     closes) + 1
+
+    eager = [t.clone() for t in state]
+    want = close(*eager, added)
+    torch._dynamo.reset()
+    compiled = [t.clone() for t in state]
+    got = torch.compile(close, fullgraph=True, backend="inductor")(*compiled, added)
+    assert torch.equal(got, want)
+    for name, a, b in zip(("keys", "values", "strengths", "trace keys", "trace values"), compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(compiled[3], state[3]), "the compiled write changed no buffer of the caller"
