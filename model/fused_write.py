@@ -48,30 +48,35 @@ def fused_write_supported(slots: Slots) -> bool:
 
 
 def write_slots_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
-                         closes: torch.Tensor | None) -> torch.Tensor:
+                         closes: torch.Tensor | None, sums: Trace | None = None) -> torch.Tensor:
     """`write_slots` plus the trace reset of `close_spans`, in place, for the users whose span ends.
 
     slots: keys/values (b, n, m, d), strengths (b, n, m); trace: (b, n, d); any strides (views such
     as state.pm_k[:, :count] are fine). rule: n stacked instances. closes: (b,) bool, or None for
-    every user. Returns the writes made per user, summed over instances: (b,) int64.
+    every user. sums (b, n, d): added to every user's trace first (on CUDA inside the kernel, so a
+    compiled step neither adds them apart nor copies the trace back). Returns the writes made per
+    user, summed over instances: (b,) int64.
     """
     if slots.keys.is_cuda:
-        return triton_write_in_place(rule, slots, trace, span, closes)
+        return triton_write_in_place(rule, slots, trace, span, closes, sums)
     if _cpu_kernel() is None:
         raise RuntimeError("the CPU memory write kernel could not be built (see the log); use model.memory.write_slots")
+    if sums is not None:
+        trace.keys.add_(sums.keys)
+        trace.values.add_(sums.values)
     return _cpu_kernel().write_slots_in_place(*slots, *trace, closes, rule.w1, rule.b1, rule.w2, rule.b2,
                                               rule.sharpness, rule.topk, float(span), float(rule.decay),
                                               float(rule.budget), WRITE_THRESHOLD)
 
 
 def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int,
-                          closes: torch.Tensor | None) -> torch.Tensor:
+                          closes: torch.Tensor | None, sums: Trace | None = None) -> torch.Tensor:
     """`write_slots_in_place` through the Triton kernels (float32; CUDA, or the interpreter)."""
     count = slots.keys.shape[1]
     for name, tensor in (("w1", rule.w1), ("b1", rule.b1), ("w2", rule.w2), ("b2", rule.b2)):
         if not tensor.is_contiguous() or tensor.shape[0] != count:
             raise ValueError(f"rule.{name} must be contiguous with {count} instances, got shape {tuple(tensor.shape)}")
-    return _triton_write(*slots, *trace, closes, rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness, rule.topk,
+    return _triton_write(*slots, *trace, *(sums or (None, None)), closes, rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness, rule.topk,
                          float(span), float(rule.decay), float(rule.budget))
 
 
@@ -81,7 +86,8 @@ def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int
 @torch.library.custom_op("reverie::write_slots_in_place", mutates_args=("keys", "values", "strengths", "trace_keys",
                                                                          "trace_values"))
 def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Tensor, trace_keys: torch.Tensor,
-                  trace_values: torch.Tensor, closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                  trace_values: torch.Tensor, sum_keys: torch.Tensor | None, sum_values: torch.Tensor | None,
+                  closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                   w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, span: float,
                   decay: float, budget: float) -> torch.Tensor:
     kernels = _triton_kernel()
@@ -93,12 +99,14 @@ def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Ten
     closing = writes if closes is None else closes.to(torch.uint8)
     split = m * d > SCORES_CHUNK
     scores = torch.empty(batch, count, m, device=keys.device) if split else writes
+    has_sums = sum_keys is not None
+    sum_keys, sum_values = (sum_keys, sum_values) if has_sums else (trace_keys, trace_values)  # unread then
     if split:  # the keys read by many programs at once; the write's program takes the scores
         block_s = max(1, min(_next_power_of_2(m), _previous_power_of_2(SCORES_CHUNK // d)))
         block_d = min(_next_power_of_2(d), max(16, 16384 // block_s))
         kernels.scores[(batch, count, -(-m // block_s))](
-            keys, trace_keys, closing, scores, *keys.stride(), *trace_keys.stride(), m, d,
-            HAS_CLOSES=closes is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+            keys, trace_keys, sum_keys, closing, scores, *keys.stride(), *trace_keys.stride(), *sum_keys.stride(),
+            m, d, HAS_CLOSES=closes is not None, HAS_SUMS=has_sums, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     # A program streams its user's slots alone, so each step of its loop over d should have many
     # bytes in flight: tiles of up to 16K floats (64 KB), 32 per thread. Rows (trace, value, the
     # slot written) go in one step where they fit 4K floats; PM's values are a tile again.
@@ -107,18 +115,18 @@ def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Ten
     block_v = min(_next_power_of_2(d), 4096) if sharpness is not None else block_d
     warps = max(4, min(16, block_m * block_d // 1024))
     kernels.write[(batch, count)](
-        keys, values, strengths, trace_keys, trace_values, closing, writes, scores,
+        keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closing, writes, scores,
         w1, b1, w2, b2, b2 if sharpness is None else sharpness,
         *keys.stride(), *values.stride(), *strengths.stride(), *trace_keys.stride(), *trace_values.stride(),
-        m, d, span, decay, budget, WRITE_THRESHOLD,
-        HAS_CLOSES=closes is not None, SCORES_GIVEN=split, TOPK=0 if sharpness is None else topk,
+        *sum_keys.stride(), *sum_values.stride(), m, d, span, decay, budget, WRITE_THRESHOLD,
+        HAS_CLOSES=closes is not None, HAS_SUMS=has_sums, SCORES_GIVEN=split, TOPK=0 if sharpness is None else topk,
         HIDDEN=w1.shape[1], BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=warps)
     return writes.sum(1, dtype=torch.int64)
 
 
 @_triton_write.register_fake
-def _(keys, values, strengths, trace_keys, trace_values, closes, w1, b1, w2, b2, sharpness, topk, span, decay,
-      budget):
+def _(keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closes, w1, b1, w2, b2, sharpness,
+      topk, span, decay, budget):
     return keys.new_empty(keys.shape[0], dtype=torch.int64)
 
 

@@ -299,8 +299,8 @@ class ReverieLM(nn.Module):
         new: the state's tensors (b, n, ...), updated here. pending: each memory's last-row sums
         (b, 1, d), by kind, in layer order. Without autograd the write runs as one fused kernel
         (model/fused_write.py) that changes only the slots it writes, in place; `kept`, the caller's
-        state unless donated, is copied first where `new` still shares its tensors. A donated
-        state's traces take the sums in place too, so a decode graph copies none of them back.
+        state unless donated, is copied first where `new` still shares its tensors; the kernel adds
+        the sums to the traces too, so a compiled step neither adds them apart nor copies them back.
         Returns writes (b,) plus those made.
         """
         layers = [layer.procedural for block in self.blocks for layer in block.layers]
@@ -312,22 +312,20 @@ class ReverieLM(nn.Module):
                 if not count:
                     continue
                 slot_names, trace_names = fields[:3], fields[3:]
-                for name, parts in zip(trace_names, zip(*sums)):
-                    if kept is None and not torch.is_grad_enabled():  # a donated trace takes its sums in place
-                        _first_rows(new[name], count).add_(torch.cat(parts, dim=1))
-                    else:
-                        new[name] = _add_to_first_rows(new[name], torch.cat(parts, dim=1))
-                if closes is False:
-                    continue
-                rule = kind.stacked_rule(memories[:count])
-                if fused_write_supported(Slots(*(new[name] for name in slot_names))):
-                    for name in slot_names:
+                added = Trace(*(torch.cat(parts, dim=1) for parts in zip(*sums)))
+                rule = kind.stacked_rule(memories[:count]) if closes is not False else None
+                if rule is not None and fused_write_supported(Slots(*(new[name] for name in slot_names))):
+                    for name in fields:  # the kernel writes in place: never into the caller's kept state
                         if kept is not None and new[name] is getattr(kept, name):
                             new[name] = new[name].clone()
                     writes = writes + write_slots_in_place(
                         rule, Slots(*(_first_rows(new[name], count) for name in slot_names)),
                         Trace(*(_first_rows(new[name], count) for name in trace_names)), self.config.span,
-                        None if closes is True else closes)
+                        None if closes is True else closes, added)
+                    continue
+                for name, sums_of_rows in zip(trace_names, added):
+                    new[name] = _add_to_first_rows(new[name], sums_of_rows)
+                if rule is None:
                     continue
                 slots, trace, writes = close_spans(rule, Slots(*(_first_rows(new[name], count) for name in slot_names)),
                                                    Trace(*(_first_rows(new[name], count) for name in trace_names)), writes,

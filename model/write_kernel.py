@@ -14,15 +14,17 @@ import triton
 import triton.language as tl
 
 
-def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes, writes, given_scores,
-                       w1, b1, w2, b2, sharpness,
+def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closes, writes,
+                       given_scores, w1, b1, w2, b2, sharpness,
                        sk_b, sk_n, sk_m, sk_d, sv_b, sv_n, sv_m, sv_d, ss_b, ss_n, ss_m,
-                       stk_b, stk_n, stk_d, stv_b, stv_n, stv_d,
+                       stk_b, stk_n, stk_d, stv_b, stv_n, stv_d, ssk_b, ssk_n, ssk_d, ssv_b, ssv_n, ssv_d,
                        m, d, span, decay, budget, threshold,
-                       HAS_CLOSES: tl.constexpr, SCORES_GIVEN: tl.constexpr, TOPK: tl.constexpr,
+                       HAS_CLOSES: tl.constexpr, HAS_SUMS: tl.constexpr, SCORES_GIVEN: tl.constexpr,
+                       TOPK: tl.constexpr,
                        HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_V: tl.constexpr):
     """One (user, instance): the comments name the lines of `write_slots` each step stands for.
+    HAS_SUMS: every user's trace first takes sum_keys, sum_values (the sums of the call's last row).
     SCORES_GIVEN: `scores_kernel` wrote the scores to given_scores ((b, n, m), contiguous).
     BLOCK_D: the width of a (BLOCK_M, BLOCK_D) tile of slots; BLOCK_V: of one row (trace, value,
     the slot written), so a row of `base` is one load, not a chain of 12 dependent ones."""
@@ -32,15 +34,25 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
     closing = True
     if HAS_CLOSES:
         closing = tl.load(closes + user) != 0
+    row_lane = tl.arange(0, BLOCK_V)
+    trace_key = trace_keys + user * stk_b + instance * stk_n
+    trace_value = trace_values + user * stv_b + instance * stv_n
+    if HAS_SUMS:  # trace += sums, for every user; the lines below read it back
+        for start in range(0, d, BLOCK_V):
+            at = start + row_lane
+            tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            tv = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0)
+            tk += tl.load(sum_keys + user * ssk_b + instance * ssk_n + at * ssk_d, mask=at < d, other=0.0)
+            tv += tl.load(sum_values + user * ssv_b + instance * ssv_n + at * ssv_d, mask=at < d, other=0.0)
+            tl.store(trace_key + at * stk_d, tk, mask=at < d)
+            tl.store(trace_value + at * stv_d, tv, mask=at < d)
+        tl.debug_barrier()
     if closing:
         slot = tl.arange(0, BLOCK_M)
         in_m = slot < m
         lane = tl.arange(0, BLOCK_D)
-        row_lane = tl.arange(0, BLOCK_V)
         key_row = keys + user * sk_b + instance * sk_n
         value_row = values + user * sv_b + instance * sv_n
-        trace_key = trace_keys + user * stk_b + instance * stk_n
-        trace_value = trace_values + user * stv_b + instance * stv_n
 
         # key = normalize(trace.keys); value = trace.values / span: their norms first.
         key_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -140,11 +152,13 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, closes,
         tl.store(writes + user * n + instance, wrote.to(tl.int32))
 
 
-def slot_scores_kernel(keys, trace_keys, closes, scores,
-                       sk_b, sk_n, sk_m, sk_d, stk_b, stk_n, stk_d, m, d,
-                       HAS_CLOSES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def slot_scores_kernel(keys, trace_keys, sum_keys, closes, scores,
+                       sk_b, sk_n, sk_m, sk_d, stk_b, stk_n, stk_d, ssk_b, ssk_n, ssk_d, m, d,
+                       HAS_CLOSES: tl.constexpr, HAS_SUMS: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """Chunk `program_id(2)` of one (user, instance)'s scores = normalize(trace.keys) @ keys^T,
-    into scores (b, n, m), contiguous; users whose span does not end are skipped."""
+    into scores (b, n, m), contiguous; users whose span does not end are skipped. HAS_SUMS: the
+    trace is trace_keys + sum_keys (`kernel`, launched next, adds them)."""
     user = tl.program_id(0)
     instance = tl.program_id(1)
     n = tl.num_programs(1)
@@ -157,16 +171,22 @@ def slot_scores_kernel(keys, trace_keys, closes, scores,
         lane = tl.arange(0, BLOCK_D)
         key_row = keys + user * sk_b + instance * sk_n
         trace_key = trace_keys + user * stk_b + instance * stk_n
+        sum_key = sum_keys + user * ssk_b + instance * ssk_n
         key_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, d, BLOCK_D):
             at = start + lane
             tk = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            if HAS_SUMS:
+                tk += tl.load(sum_key + at * ssk_d, mask=at < d, other=0.0)
             key_sq += tk * tk
         inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(key_sq, axis=0)), 1e-12)
         total = tl.zeros([BLOCK_S], dtype=tl.float32)
         for start in range(0, d, BLOCK_D):
             at = start + lane
-            key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0) * inv_key_norm
+            key = tl.load(trace_key + at * stk_d, mask=at < d, other=0.0)
+            if HAS_SUMS:
+                key += tl.load(sum_key + at * ssk_d, mask=at < d, other=0.0)
+            key = key * inv_key_norm
             tile = tl.load(key_row + slot[:, None] * sk_m + at[None, :] * sk_d,
                            mask=in_m[:, None] & (at[None, :] < d), other=0.0)
             total += tl.sum(tile * key[None, :], axis=1)

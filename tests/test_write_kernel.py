@@ -121,7 +121,8 @@ def test_a_model_with_a_fused_write_decodes_as_with_the_torch_write(monkeypatch,
 @pytest.mark.parametrize("slots, d", [(6, 40), (40, 512)])
 def test_the_triton_write_stays_inside_a_compiled_graph(slots, d):
     """The Triton write is a custom op, so torch.compile traces a decode step's end-of-call writes
-    whole (fullgraph: no break) and the compiled step writes the caller's buffers in place, as eager."""
+    whole (fullgraph: no break) and the compiled step writes the caller's buffers in place, as
+    eager, traces included: they take the call's sums inside the kernel."""
     g = torch.Generator().manual_seed(slots + d)
     batch, count = 4, 2
     state = [F.normalize(torch.randn(batch, count, slots, d, generator=g), dim=-1),
@@ -132,13 +133,15 @@ def test_the_triton_write_stays_inside_a_compiled_graph(slots, d):
     closes = torch.tensor([True, False, True, True])
     rule = stacked_rule("em", count, d, torch.float32)
 
-    def close(keys, values, strengths, trace_keys, trace_values, sums):
-        trace_keys.add_(sums)  # as the model's donated traces take their last sums
+    def close(keys, values, strengths, trace_keys, trace_values, sums):  # as the model's decode step
         return triton_write_in_place(rule, Slots(keys, values, strengths), Trace(trace_keys, trace_values), SPAN,
-                                     closes) + 1
+                                     closes, Trace(sums, 2 * sums)) + 1
 
     eager = [t.clone() for t in state]
     want = close(*eager, added)
+    for got, given, more in zip(eager[3:], state[3:], (added, 2 * added)):  # the others' traces took the sums
+        torch.testing.assert_close(got[~closes], (given + more)[~closes])
+        assert not got[closes].any(), "a closed span's trace must be emptied"
     torch._dynamo.reset()
     compiled = [t.clone() for t in state]
     got = torch.compile(close, fullgraph=True, backend="inductor")(*compiled, added)
