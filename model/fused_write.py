@@ -76,20 +76,19 @@ def triton_write_in_place(rule: WriteRule, slots: Slots, trace: Trace, span: int
     for name, tensor in (("w1", rule.w1), ("b1", rule.b1), ("w2", rule.w2), ("b2", rule.b2)):
         if not tensor.is_contiguous() or tensor.shape[0] != count:
             raise ValueError(f"rule.{name} must be contiguous with {count} instances, got shape {tuple(tensor.shape)}")
-    return _triton_write(*slots, *trace, *(sums or (None, None)), closes, rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness, rule.topk,
-                         float(span), float(rule.decay), float(rule.budget))
+    # Compiled, a custom op: traced as one node instead of a graph break. Eagerly, the launch
+    # itself: the op's dispatch costs ~85 us of host time a call (2 CPU cores), twice a step.
+    write = _triton_write_op if torch.compiler.is_compiling() else _triton_write
+    return write(*slots, *trace, *(sums or (None, None)), closes, rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness,
+                 rule.topk, float(span), float(rule.decay), float(rule.budget))
 
 
-# A custom op, so torch.compile keeps the write inside the compiled step instead of breaking the
-# graph there: a break inside `ReverieLM._close_last_spans`'s loop made dynamo run that whole
-# function eagerly (its trace adds, rule stacks and write counts: ~30 more kernels a step).
-@torch.library.custom_op("reverie::write_slots_in_place", mutates_args=("keys", "values", "strengths", "trace_keys",
-                                                                         "trace_values"))
 def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Tensor, trace_keys: torch.Tensor,
                   trace_values: torch.Tensor, sum_keys: torch.Tensor | None, sum_values: torch.Tensor | None,
                   closes: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                   w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, span: float,
                   decay: float, budget: float) -> torch.Tensor:
+    """Both kernels' launch (model/write_kernel.py), on plain tensors: what the custom op runs."""
     kernels = _triton_kernel()
     if kernels is None:
         raise RuntimeError("the fused memory write on CUDA needs Triton (pip install triton); "
@@ -124,7 +123,14 @@ def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Ten
     return writes.sum(1, dtype=torch.int64)
 
 
-@_triton_write.register_fake
+# A custom op, so torch.compile keeps the write inside the compiled step: a graph break there,
+# inside `ReverieLM._close_last_spans`'s loop, made dynamo run that whole function eagerly (its
+# trace adds, rule stacks and write counts: ~30 more kernels a step, and copies back).
+_triton_write_op = torch.library.custom_op("reverie::write_slots_in_place", _triton_write,
+                                           mutates_args=("keys", "values", "strengths", "trace_keys", "trace_values"))
+
+
+@_triton_write_op.register_fake
 def _(keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closes, w1, b1, w2, b2, sharpness,
       topk, span, decay, budget):
     return keys.new_empty(keys.shape[0], dtype=torch.int64)
