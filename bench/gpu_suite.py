@@ -323,12 +323,18 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             slots = Slots(F.normalize(randn(2, m, config.d_model), dim=-1), randn(2, m, config.d_model),
                           torch.rand(2, m, generator=g, device=device, dtype=torch.float64))
             trace = Trace(randn(2, config.d_model), randn(2, config.d_model))
-            for learn in (True, False):
-                plan = SpanPlan.of([7, config.span - 3], length, config.span, device)  # two users at different offsets
-                fast = run_over_spans(memory, queries, values, slots, trace, plan, config.span, learn)
-                ref = run_over_spans_reference(memory, queries, values, slots, trace, plan, config.span, learn)
-                errors[f"{kind} learn={learn}"] = max(rel_err(f, r) for f, r in
-                                                      zip((fast[0], *fast[1], *fast[2]), (ref[0], *ref[1], *ref[2])))
+            # two users at different offsets; then a training chunk (every row ends every user's span, the
+            # last left pending: model.pooled_writes), with autograd as in training
+            cases = {f"learn={learn}": ([7, config.span - 3], learn, True) for learn in (True, False)}
+            cases["training chunk"] = ([0, 0], True, False)
+            for name, (phases, learn, close_last) in cases.items():
+                plan = SpanPlan.of(phases, length, config.span, device)
+                with torch.set_grad_enabled(name == "training chunk"):
+                    fast = run_over_spans(memory, queries, values, slots, trace, plan, config.span, learn, close_last)
+                    ref = run_over_spans_reference(memory, queries, values, slots, trace, plan, config.span, learn,
+                                                   close_last)
+                errors[f"{kind} {name}"] = max(rel_err(f, r) for f, r in
+                                               zip((fast[0], *fast[1], *fast[2]), (ref[0], *ref[1], *ref[2])))
         return check(max(errors.values()), 1e-9, dtype="float64", cases=errors)
 
     def step_vs_forward() -> dict:

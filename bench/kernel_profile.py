@@ -10,6 +10,11 @@ bench/results/kernel_profile.json under its name.
     python bench/kernel_profile.py decode --batch 256 --learn --compile   # one graph+compile step
     python bench/kernel_profile.py sleep --batch 64 --seq-len 256 --ops   # one shared-bulk sleep step
     python bench/kernel_profile.py train --preset tiny --batch 2 --seq-len 128   # anywhere (CPU ops)
+    python bench/kernel_profile.py train --preset small --batch 2 --seq-len 1024 --bytes   # ops and bytes written
+
+--bytes counts the aten ops of the step and the bytes their outputs hold (views excluded): the
+memory traffic a step asks for, the same on any device, so a CPU can compare two versions of the
+code exactly where its timings would be noise.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from bench.gpu_suite import warm_state  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
@@ -95,6 +102,25 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
     return lambda: one_step(lm, teacher, replay, rehearsal, config, optimizer, anchor, rng, generator, device)
 
 
+class WrittenBytes(TorchDispatchMode):
+    """Counts the aten ops run inside it, those that write new memory (a kernel each, eagerly on a
+    GPU; views write none) and the bytes of their outputs that are new memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.writing_ops, self.bytes = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        new = [t.numel() * t.element_size() for t in tree_leaves(out)
+               if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        self.ops += 1
+        self.writing_ops += bool(new)
+        self.bytes += sum(new)
+        return out
+
+
 def op_table(prof: profile) -> list[dict]:
     """Device time by the operator that launched it (aten ops, compiled graphs), self time only."""
     rows = [{"op": e.key[:90], "count": e.count, "ms": round(e.self_device_time_total / 1000.0, 3)}
@@ -126,6 +152,8 @@ def main() -> None:
     parser.add_argument("--learn", action="store_true", help="decode: write fast memory")
     parser.add_argument("--compile", action="store_true", help="decode: torch.compile the step")
     parser.add_argument("--ops", action="store_true", help="also the device time by the operator that launched it")
+    parser.add_argument("--bytes", action="store_true",
+                        help="count the step's aten ops and the bytes they write (views excluded), then stop")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -146,6 +174,13 @@ def main() -> None:
         step = decode_step(lm, args, device)
         name = f"decode b={args.batch}, learn {'on' if args.learn else 'off'}" + (", compiled" if args.compile else "")
         settings = {"learn": args.learn, "compile": args.compile}
+    if args.bytes:
+        step()  # warm up: lazily built state, optimizer buffers
+        with WrittenBytes() as counted:
+            step()
+        print(f"{args.what} ({args.preset}, b={args.batch}, seq {args.seq_len}): {counted.ops:,} aten ops, "
+              f"{counted.writing_ops:,} of them writing {counted.bytes / 1e9:.2f} GB")
+        return
     with compiled_writes(args.what == "train" and not args.eager_writes, loops=args.compile_loops):
         for _ in range(3):  # compile and warm up
             step()

@@ -197,19 +197,41 @@ def strength_weighted_combine(scores: torch.Tensor, slots: Slots) -> torch.Tenso
     return (scores * slots.strengths[..., None, :]) @ slots.values
 
 
+def top_k_weights(scores: torch.Tensor, strengths: torch.Tensor, topk: int, sharpness: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """EM's read weights: a softmax over the top-k used slots. scores (..., t, m), strengths (..., m)
+    -> the slots read (..., t, k) and their weights (..., t, k), 0 for empty slots."""
+    used = (strengths > 0)[..., None, :].expand_as(scores)
+    # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
+    top_scores, top_index = scores.masked_fill(~used, -1e4).topk(topk, dim=-1)
+    weights = torch.softmax(top_scores * sharpness, dim=-1)
+    return top_index, weights * used.gather(-1, top_index)  # empty slots contribute nothing
+
+
+def read_weights(scores: torch.Tensor, strengths: torch.Tensor, topk: int, sharpness: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """Each slot's weight in a read (PM's when sharpness is None, else EM's), dense: (..., t, m)."""
+    if sharpness is None:
+        return scores * strengths[..., None, :]
+    top_index, weights = top_k_weights(scores, strengths, topk, sharpness)
+    return torch.zeros_like(scores).scatter(-1, top_index, weights)
+
+
 def top_k_combine(scores: torch.Tensor, slots: Slots, topk: int, sharpness: torch.Tensor) -> torch.Tensor:
     """EM's read: a softmax over the top-k used slots. scores (..., t, m) -> (..., t, d)."""
-    used = (slots.strengths > 0)[..., None, :].expand_as(scores)
-    # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
-    scores = scores.masked_fill(~used, -1e4)
-    top_scores, top_index = scores.topk(topk, dim=-1)
-    weights = torch.softmax(top_scores * sharpness, dim=-1)
-    weights = weights * used.gather(-1, top_index)  # empty slots contribute nothing
     if scores.shape[-2] == 1:  # one query a row: read its k values, not all m through zero weights
+        top_index, weights = top_k_weights(scores, slots.strengths, topk, sharpness)
         index = top_index.mT.expand(*top_index.shape[:-2], topk, slots.values.shape[-1])
         return (weights.mT * slots.values.gather(-2, index)).sum(-2, keepdim=True)
-    dense = torch.zeros_like(scores).scatter(-1, top_index, weights)
-    return dense @ slots.values
+    return read_weights(scores, slots.strengths, topk, sharpness) @ slots.values
+
+
+def write_strength(rule: WriteRule, surprise: torch.Tensor, novelty: torch.Tensor, fill: torch.Tensor
+                   ) -> torch.Tensor:
+    """The neuromodulators of a rule's n instances: each input (b, n) -> write strength (b, n)."""
+    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (b, n, 3)
+    hidden = F.silu(features[..., None, :] @ rule.w1.mT + rule.b1[:, None])  # (b, n, 1, hidden)
+    return torch.sigmoid(hidden @ rule.w2.mT + rule.b2[:, None])[..., 0, 0].to(surprise.dtype)
 
 
 def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
@@ -238,9 +260,7 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     used = slots.strengths > 0
     novelty = 1.0 - scores[..., 0, :].masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
     fill = used.to(value.dtype).mean(dim=-1)
-    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (b, n, 3): the neuromodulators
-    hidden = F.silu(features[..., None, :] @ rule.w1.mT + rule.b1[:, None])  # (b, n, 1, hidden)
-    strength = torch.sigmoid(hidden @ rule.w2.mT + rule.b2[:, None])[..., 0, 0].to(value.dtype)  # (b, n)
+    strength = write_strength(rule, surprise, novelty, fill)
     writes = strength > WRITE_THRESHOLD
     decayed = slots.strengths * rule.decay
     if closes is not None:
@@ -256,23 +276,8 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
     return Slots(keys, values, strengths * scale), writes.long()
 
 
-def write_every_row(rule: WriteRule, slots: Slots, trace: Trace, key_rows: torch.Tensor, value_rows: torch.Tensor,
-                    span: int) -> tuple[Slots, Trace, torch.Tensor]:
-    """The write recurrence of rows that all end a span (training): row s adds its sums
-    key_rows[:, s], value_rows[:, s] (b, d) to the trace and writes. Returns the slots each row
-    started from and those after the last row, stacked on dim 1 ((b, S + 1, m, ...)), the emptied
-    trace, and the writes made (b,). `run_over_spans`'s loop, for `compiled_writes(loops=True)`."""
-    states, writes = [slots], torch.zeros(key_rows.shape[0], dtype=torch.long, device=key_rows.device)
-    for keys, values in zip(key_rows.unbind(1), value_rows.unbind(1)):
-        slots, wrote = write_slots(rule, slots, Trace(trace.keys + keys, trace.values + values), span)
-        trace = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
-        states.append(slots)
-        writes = writes + wrote
-    return Slots(*(torch.stack(parts, dim=1) for parts in zip(*states))), trace, writes
-
-
 _autograd_write = write_slots  # what `close_spans` runs where the fused kernels cannot: see compiled_writes
-_autograd_loop = None  # what `run_over_spans` runs for rows that all end a span (None: its own loop)
+_pooled_loop = None  # what `run_over_spans` runs for rows that all end a span (None: run_pooled itself)
 
 
 _rules_built_each_call = False  # see rules_built_each_call
@@ -299,19 +304,21 @@ def compiled_writes(enabled: bool = True, backend: str = "inductor", loops: bool
     through `torch.compile(write_slots)`, whose forward and backward are a few fused kernels
     instead of ~100 and ~180 small tensor ops, for each of the (spans x memories) writes of a
     training step. One compile per shape (PM and EM of a preset), shared by every layer.
-    loops=True compiles a whole span loop of rows that all end a span (`write_every_row`, a
-    training chunk's) as one function instead: its rows unrolled, so far fewer, larger kernels, at
-    the price of a compile that grows with the rows (minutes for 32 rows). Process-wide while
-    inside, like the compiled functions themselves; enabled=False changes nothing."""
-    global _autograd_write, _autograd_loop
-    previous = _autograd_write, _autograd_loop
+    loops=True also compiles the span loop of rows that all end a span (a training chunk's,
+    `model.pooled_writes.run_pooled`) as one function: its rows unrolled, so far fewer kernels, at
+    the price of a compile that grows with the rows. Process-wide while inside, like the compiled
+    functions themselves; enabled=False changes nothing."""
+    global _autograd_write, _pooled_loop
+    previous = _autograd_write, _pooled_loop
     if enabled:
+        from model.pooled_writes import run_pooled  # that module imports this one
+
         _autograd_write = _compiled(write_slots, backend)
-        _autograd_loop = _compiled(write_every_row, backend) if loops else None
+        _pooled_loop = _compiled(run_pooled, backend) if loops else None
     try:
         yield
     finally:
-        _autograd_write, _autograd_loop = previous
+        _autograd_write, _pooled_loop = previous
 
 
 @functools.cache
@@ -330,9 +337,17 @@ class SlotMemory(nn.Module):
         self.decay = decay
         self.budget = budget
 
+    def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """queries (b, t, d) -> what the memory adds to the stream (b, t, d)."""
+        return self.output(self.retrieve(queries, slots))
+
     def retrieve(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
         """queries (b, t, d) -> retrieved values (b, t, d), in the space of the written values."""
         return self.combine(queries @ slots.keys.transpose(1, 2), slots)
+
+    def output(self, retrieved: torch.Tensor) -> torch.Tensor:
+        """Retrieved values (..., d) -> what the read adds to the stream."""
+        raise NotImplementedError
 
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
         """scores (b, t, m) of queries against the slot keys -> retrieved values (b, t, d)."""
@@ -392,8 +407,8 @@ class ProceduralMemory(SlotMemory):
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
         return strength_weighted_combine(scores, slots)
 
-    def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
-        return self.gain * self.retrieve(queries, slots)
+    def output(self, retrieved: torch.Tensor) -> torch.Tensor:
+        return self.gain * retrieved
 
     @classmethod
     def _read_rule(cls, memories: list[SlotMemory]) -> tuple[torch.Tensor | None, int]:
@@ -418,8 +433,8 @@ class EpisodicMemory(SlotMemory):
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
         return top_k_combine(scores, slots, self.topk, self.log_temperature.exp())
 
-    def read(self, queries: torch.Tensor, slots: Slots) -> torch.Tensor:
-        return self.out(self.retrieve(queries, slots))
+    def output(self, retrieved: torch.Tensor) -> torch.Tensor:
+        return self.out(retrieved)
 
     def rule_parameters(self) -> tuple[nn.Parameter, ...]:
         return (self.log_temperature,)
@@ -466,13 +481,16 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     rule = memory.stacked_rule([memory]) if writes_rows else None  # once: its stacks are ops too
     looped = plan.rows if close_last else plan.rows - 1  # rows written here
     given = slots
-    if _loops_whole(plan, looped, slots):
-        states, trace, wrote = _autograd_loop(rule, slots, trace, key_sums[:, :looped], value_sums[:, :looped], span)
-        slots, writes = Slots(*(t[:, -1] for t in states)), writes + wrote
-        stacked = Slots(*(t[:, :plan.rows] for t in states))  # (b, S, m, ..): the slots each row read
-    else:
-        slots, trace, writes, stacked = _write_rows(rule, slots, trace, writes, key_sums, value_sums, plan, span,
-                                                    close_last)
+    if _writes_pooled(plan, looped, slots):
+        from model.pooled_writes import run_pooled  # that module imports this one
+
+        query_grid = queries[:, :, None] if query_grid is None else query_grid
+        run = (_pooled_loop or run_pooled)(rule, slots, trace, query_grid, key_sums[:, :looped],
+                                           value_sums[:, :looped], span)
+        pending = None if close_last else Trace(key_sums[:, -1:], value_sums[:, -1:])
+        return SpanRun(plan.unfold(memory.output(run.retrieved)), run.slots, run.trace, writes + run.writes, pending)
+    slots, trace, writes, stacked = _write_rows(rule, slots, trace, writes, key_sums, value_sums, plan, span,
+                                                close_last)
     if close_last:
         pending = None
     else:  # the slices are skipped when there is one row: decoding runs this for every memory and byte
@@ -486,10 +504,10 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     return SpanRun(reads, slots, trace, writes, pending)
 
 
-def _loops_whole(plan: SpanPlan, looped: int, slots: Slots) -> bool:
-    """Whether `compiled_writes(loops=True)` runs this call's loop: rows that all end a span, for
-    every user (a training chunk), written with autograd."""
-    if _autograd_loop is None or looped < 2 or not all(closes is True for closes in plan.closes[:looped]):
+def _writes_pooled(plan: SpanPlan, looped: int, slots: Slots) -> bool:
+    """Whether this call's writes run on a pool of items (model/pooled_writes.py): rows that all
+    end a span for every user (a training chunk), where the torch write would run (autograd)."""
+    if looped < 1 or not all(closes is True for closes in plan.closes[:looped]):
         return False
     from model.fused_write import fused_write_supported  # that module imports this one
 

@@ -154,6 +154,57 @@ def test_batched_span_reads_have_the_reference_gradients(kind):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["pm", "em"])
+@pytest.mark.parametrize("close_last, length", [(True, SPAN), (True, 4 * SPAN), (False, 2 * SPAN), (False, 3 * SPAN + 5)])
+def test_rows_that_all_end_a_span_are_written_on_a_pool_as_by_the_reference(monkeypatch, kind, close_last, length):
+    """A training chunk (every row ends every user's span): `model.pooled_writes` runs its writes,
+    and gives the reference loop's reads, slots, trace, writes and gradients, the given state's too."""
+    import model.pooled_writes
+
+    calls, run_pooled = [], model.pooled_writes.run_pooled
+    monkeypatch.setattr(model.pooled_writes, "run_pooled", lambda *args: calls.append(1) or run_pooled(*args))
+    memory = make_memory(kind, seed=length)
+    inputs = random_inputs(length, seed=length + 1)
+    plan = SpanPlan.of([0] * BATCH, length, SPAN)
+    results = []
+    for run in (run_over_spans, run_over_spans_reference):
+        leaves = [t.clone().requires_grad_() for t in (*inputs[:2], *inputs[2], *inputs[3])]
+        queries, values, keys, slot_values, strengths, trace_keys, trace_values = leaves
+        memory.zero_grad()
+        result = run(memory, queries, values, Slots(keys, slot_values, strengths), Trace(trace_keys, trace_values),
+                     plan, SPAN, True, close_last)
+        pending = () if result.pending is None else (*result.pending,)
+        loss = result.reads.square().sum() + sum(t.sum() for t in (*result.slots, *result.trace, *pending))
+        loss.backward()
+        results.append((result, [t.grad for t in leaves] + [p.grad.clone() for p in memory.parameters()
+                                                             if p.grad is not None]))
+    assert calls, "the pooled loop did not run"
+    assert_same_results(results[0][0], results[1][0])
+    if length >= 3 * SPAN:
+        assert int(results[0][0].writes.sum()) > 0
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_a_training_step_on_pooled_writes_equals_the_reference_loop(monkeypatch):
+    """Whole ReverieLM, float64, from no state (training): loss, gradients and state."""
+    torch.manual_seed(0)
+    config = preset("tiny")
+    lm = ReverieLM(config).double()
+    tokens = torch.randint(0, 256, (2, 3 * config.span + 1), generator=torch.Generator().manual_seed(2))
+    results = []
+    for loop in (run_over_spans, run_over_spans_reference):
+        monkeypatch.setattr(model.lm, "run_over_spans", loop)
+        lm.zero_grad()
+        logits, state = lm(tokens[:, :-1], FastState.empty(config, 2, dtype=torch.float64))  # empty, as training's
+        model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
+        results.append([logits.detach(), *state.detach().tensors().values()]
+                       + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+    assert int(results[0][2].min()) > 0  # writes happened
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_model_with_batched_reads_equals_model_with_the_reference_loop(monkeypatch):
     """Whole ReverieLM, float64: a chunk that starts mid-span and runs over several spans."""
     torch.manual_seed(0)
@@ -218,7 +269,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
 
 def test_compiled_span_loops_give_the_eager_loss_gradients_and_state():
     """`compiled_writes(loops=True)`: a training chunk's write loop as one compiled function
-    (`write_every_row`, aot_eager here), from an empty state and from a warm one."""
+    (`model.pooled_writes.run_pooled`, aot_eager here), from an empty state and from a warm one."""
     from model import memory
 
     torch.manual_seed(0)
