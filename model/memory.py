@@ -197,11 +197,11 @@ def strength_weighted_combine(scores: torch.Tensor, slots: Slots) -> torch.Tenso
     return (scores * slots.strengths[..., None, :]) @ slots.values
 
 
-def top_k_weights(scores: torch.Tensor, strengths: torch.Tensor, topk: int, sharpness: torch.Tensor
+def top_k_weights(scores: torch.Tensor, used: torch.Tensor, topk: int, sharpness: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EM's read weights: a softmax over the top-k used slots. scores (..., t, m), strengths (..., m)
-    -> the slots read (..., t, k) and their weights (..., t, k), 0 for empty slots."""
-    used = (strengths > 0)[..., None, :].expand_as(scores)
+    """EM's read weights: a softmax over the top-k used slots. scores (..., t, m), used (..., m)
+    (strengths > 0) -> the slots read (..., t, k) and their weights (..., t, k), 0 for empty slots."""
+    used = used[..., None, :].expand_as(scores)
     # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
     top_scores, top_index = scores.masked_fill(~used, -1e4).topk(topk, dim=-1)
     weights = torch.softmax(top_scores * sharpness, dim=-1)
@@ -213,14 +213,14 @@ def read_weights(scores: torch.Tensor, strengths: torch.Tensor, topk: int, sharp
     """Each slot's weight in a read (PM's when sharpness is None, else EM's), dense: (..., t, m)."""
     if sharpness is None:
         return scores * strengths[..., None, :]
-    top_index, weights = top_k_weights(scores, strengths, topk, sharpness)
+    top_index, weights = top_k_weights(scores, strengths > 0, topk, sharpness)
     return torch.zeros_like(scores).scatter(-1, top_index, weights)
 
 
 def top_k_combine(scores: torch.Tensor, slots: Slots, topk: int, sharpness: torch.Tensor) -> torch.Tensor:
     """EM's read: a softmax over the top-k used slots. scores (..., t, m) -> (..., t, d)."""
     if scores.shape[-2] == 1:  # one query a row: read its k values, not all m through zero weights
-        top_index, weights = top_k_weights(scores, slots.strengths, topk, sharpness)
+        top_index, weights = top_k_weights(scores, slots.strengths > 0, topk, sharpness)
         index = top_index.mT.expand(*top_index.shape[:-2], topk, slots.values.shape[-1])
         return (weights.mT * slots.values.gather(-2, index)).sum(-2, keepdim=True)
     return read_weights(scores, slots.strengths, topk, sharpness) @ slots.values
@@ -228,10 +228,12 @@ def top_k_combine(scores: torch.Tensor, slots: Slots, topk: int, sharpness: torc
 
 def write_strength(rule: WriteRule, surprise: torch.Tensor, novelty: torch.Tensor, fill: torch.Tensor
                    ) -> torch.Tensor:
-    """The neuromodulators of a rule's n instances: each input (b, n) -> write strength (b, n)."""
-    features = torch.stack([surprise, novelty, fill], dim=-1).to(rule.w1.dtype)  # (b, n, 3)
-    hidden = F.silu(features[..., None, :] @ rule.w1.mT + rule.b1[:, None])  # (b, n, 1, hidden)
-    return torch.sigmoid(hidden @ rule.w2.mT + rule.b2[:, None])[..., 0, 0].to(surprise.dtype)
+    """The neuromodulators of a rule's n instances: each input (b, n) -> write strength (b, n).
+    Instance-major products with their biases (`baddbmm`): 5 ops, where a training chunk runs
+    this once per row and memory."""
+    features = torch.stack([surprise, novelty, fill], dim=-1).transpose(0, 1).to(rule.w1.dtype)  # (n, b, 3)
+    hidden = F.silu(torch.baddbmm(rule.b1[:, None], features, rule.w1.mT))  # (n, b, hidden)
+    return torch.sigmoid(torch.baddbmm(rule.b2[:, None], hidden, rule.w2.mT))[..., 0].T.to(surprise.dtype)
 
 
 def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: torch.Tensor | None = None
@@ -277,7 +279,8 @@ def write_slots(rule: WriteRule, slots: Slots, trace: Trace, span: int, closes: 
 
 
 _autograd_write = write_slots  # what `close_spans` runs where the fused kernels cannot: see compiled_writes
-_pooled_loop = None  # what `run_over_spans` runs for rows that all end a span (None: run_pooled itself)
+_pooled_row = None  # the row step of rows that all end a span (None: model.pooled_writes.pooled_row itself)
+_pooled_loop = None  # all those rows (None: model.pooled_writes.run_pooled, with `_pooled_row`)
 
 
 _rules_built_each_call = False  # see rules_built_each_call
@@ -301,24 +304,26 @@ def rules_built_each_call() -> Iterator[None]:
 @contextmanager
 def compiled_writes(enabled: bool = True, backend: str = "inductor", loops: bool = False) -> Iterator[None]:
     """Inside: the writes that need autograd (training; the fused kernels have no backward) run
-    through `torch.compile(write_slots)`, whose forward and backward are a few fused kernels
-    instead of ~100 and ~180 small tensor ops, for each of the (spans x memories) writes of a
-    training step. One compile per shape (PM and EM of a preset), shared by every layer.
+    compiled, forward and backward a few fused kernels instead of dozens of small tensor ops, for
+    each of the (spans x memories) writes of a training step: a training chunk's rows through
+    `torch.compile(model.pooled_writes.pooled_row)`, other writes through `torch.compile(write_slots)`.
+    One compile per shape (PM and EM of a preset), shared by every layer.
     loops=True also compiles the span loop of rows that all end a span (a training chunk's,
     `model.pooled_writes.run_pooled`) as one function: its rows unrolled, so far fewer kernels, at
     the price of a compile that grows with the rows. Process-wide while inside, like the compiled
     functions themselves; enabled=False changes nothing."""
-    global _autograd_write, _pooled_loop
-    previous = _autograd_write, _pooled_loop
+    global _autograd_write, _pooled_row, _pooled_loop
+    previous = _autograd_write, _pooled_row, _pooled_loop
     if enabled:
-        from model.pooled_writes import run_pooled  # that module imports this one
+        from model.pooled_writes import pooled_row, run_pooled  # that module imports this one
 
         _autograd_write = _compiled(write_slots, backend)
+        _pooled_row = _compiled(pooled_row, backend)
         _pooled_loop = _compiled(run_pooled, backend) if loops else None
     try:
         yield
     finally:
-        _autograd_write, _pooled_loop = previous
+        _autograd_write, _pooled_row, _pooled_loop = previous
 
 
 @functools.cache
@@ -485,8 +490,8 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         from model.pooled_writes import run_pooled  # that module imports this one
 
         query_grid = queries[:, :, None] if query_grid is None else query_grid
-        run = (_pooled_loop or run_pooled)(rule, slots, trace, query_grid, key_sums[:, :looped],
-                                           value_sums[:, :looped], span)
+        chunk = (rule, slots, trace, query_grid, key_sums[:, :looped], value_sums[:, :looped], span)
+        run = _pooled_loop(*chunk) if _pooled_loop is not None else run_pooled(*chunk, row_step=_pooled_row)
         pending = None if close_last else Trace(key_sums[:, -1:], value_sums[:, -1:])
         return SpanRun(plan.unfold(memory.output(run.retrieved)), run.slots, run.trace, writes + run.writes, pending)
     slots, trace, writes, stacked = _write_rows(rule, slots, trace, writes, key_sums, value_sums, plan, span,

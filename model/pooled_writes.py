@@ -14,6 +14,7 @@ slots) up to rounding; tests/test_kernels.py checks values and gradients against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,13 +30,20 @@ class PooledRun(NamedTuple):
     writes: torch.Tensor  # (b,) writes made
 
 
+class RowResult(NamedTuple):
+    index: torch.Tensor  # (b, m): the item each slot holds after the row
+    strengths: torch.Tensor  # (b, m)
+    wrote: torch.Tensor  # (b,) bool
+
+
 def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Tensor, key_rows: torch.Tensor,
-               value_rows: torch.Tensor, span: int) -> PooledRun:
+               value_rows: torch.Tensor, span: int, row_step: Callable[..., RowResult] | None = None) -> PooledRun:
     """Write rows that all end every user's span, and read every row of the grid.
 
     slots (b, m, d) of one memory (rule: its one instance); trace (b, d), the sums before row 0;
     query_grid (b, S, P, d); key_rows, value_rows (b, R, d): the sums of the R <= S rows written,
-    the first R of the grid. Row s reads the slots after the writes of rows 0..s-1.
+    the first R of the grid. Row s reads the slots after the writes of rows 0..s-1. row_step: what
+    runs each row, `pooled_row` unless given (`model.memory.compiled_writes` gives it compiled).
     """
     batch, m, d = slots.keys.shape
     written, rows = key_rows.shape[1], query_grid.shape[1]
@@ -44,30 +52,18 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
     pool_keys = torch.cat([slots.keys, item_keys], dim=1)  # (b, m + R, d)
     pool_values = torch.cat([slots.values, item_values], dim=1)
     row_scores = item_keys @ pool_keys.mT  # (b, R, m + R): each written row's key against every item
+    value_norms = item_values.norm(dim=-1) + 1e-6  # (b, R): surprise's denominators
     index = torch.arange(m, device=slots.keys.device).expand(batch, m)  # the item each slot holds
+    pool_slots = torch.arange(m, m + written, device=slots.keys.device)  # where each row's item sits
     strengths = slots.strengths
-    indexes, strengths_by_row = [index], [strengths]
-    writes = torch.zeros(batch, dtype=torch.long, device=slots.keys.device)
+    indexes, strengths_by_row, wrote_by_row = [index], [strengths], []
     for row in range(written):
-        scores = row_scores[:, row].gather(-1, index)  # (b, m): as `write_slots`' key against the slots
-        read_slots, weights = _read_selection(rule, scores, strengths)
-        read_values = pool_values.gather(1, index.gather(-1, read_slots)[..., None].expand(-1, -1, d))
-        predicted = (weights[..., None] * read_values).sum(1)
-        value = item_values[:, row]
-        surprise = (value - predicted).norm(dim=-1) / (value.norm(dim=-1) + 1e-6)
-        used = strengths > 0
-        novelty = 1.0 - scores.masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
-        fill = used.to(value.dtype).mean(dim=-1)
-        strength = write_strength(rule, surprise[:, None], novelty[:, None], fill[:, None])[:, 0]
-        wrote = strength > WRITE_THRESHOLD
-        decayed = strengths * rule.decay
-        weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), wrote[:, None])
-        index = torch.where(weakest, m + row, index)
-        strengths = torch.where(weakest, strength[:, None], decayed)
-        strengths = strengths * (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
-        writes = writes + wrote.long()
+        index, strengths, wrote = (row_step or pooled_row)(
+            rule, row_scores[:, row], pool_values, item_values[:, row], value_norms[:, row], pool_slots[row], index,
+            strengths)
         indexes.append(index)
         strengths_by_row.append(strengths)
+        wrote_by_row.append(wrote)
     index_rows = torch.stack(indexes[:rows], dim=1)[:, :, None, :].expand(-1, -1, query_grid.shape[2], -1)
     scores = (query_grid @ pool_keys[:, None].mT).gather(-1, index_rows)  # (b, S, P, m)
     weights = read_weights(scores, torch.stack(strengths_by_row[:rows], dim=1), rule.topk, rule.sharpness)
@@ -76,13 +72,37 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
     final = index[..., None].expand(-1, -1, d)
     emptied = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
     return PooledRun(retrieved, Slots(pool_keys.gather(1, final), pool_values.gather(1, final), strengths), emptied,
-                     writes)
+                     torch.stack(wrote_by_row, dim=1).sum(dim=1))
 
 
-def _read_selection(rule: WriteRule, scores: torch.Tensor, strengths: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slots a write's read weighs and their weights, (b, j) each: PM all m, EM its top k."""
+def pooled_row(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, value: torch.Tensor,
+               value_norm: torch.Tensor, item: torch.Tensor, index: torch.Tensor, strengths: torch.Tensor
+               ) -> RowResult:
+    """One row's write, as `write_slots` on the slots `index` points at: row_scores (b, m + R), its
+    item's key against the pool; pool_values (b, m + R, d); value (b, d) and value_norm (b,) + 1e-6,
+    its item's; item, its place in the pool (a 0-d tensor); index, strengths (b, m) before it."""
+    scores = row_scores.gather(-1, index)  # (b, m): as `write_slots`' key against the slots
+    used = strengths > 0
+    read_items, weights = _read_selection(rule, scores, strengths, used, index)
+    read_values = pool_values.gather(1, read_items[..., None].expand(-1, -1, pool_values.shape[-1]))
+    predicted = (weights[..., None] * read_values).sum(1)
+    surprise = (value - predicted).norm(dim=-1) / value_norm
+    novelty = 1.0 - scores.masked_fill(~used, -1.0).amax(dim=-1).clamp(min=0.0)
+    fill = used.to(predicted.dtype).mean(dim=-1)
+    strength = write_strength(rule, surprise[:, None], novelty[:, None], fill[:, None])[:, 0]
+    wrote = strength > WRITE_THRESHOLD
+    decayed = strengths * rule.decay
+    weakest = torch.zeros_like(used).scatter_(-1, decayed.argmin(dim=-1, keepdim=True), wrote[:, None])
+    strengths = torch.where(weakest, strength[:, None], decayed)
+    strengths = strengths * (rule.budget / strengths.sum(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+    return RowResult(torch.where(weakest, item, index), strengths, wrote)
+
+
+def _read_selection(rule: WriteRule, scores: torch.Tensor, strengths: torch.Tensor, used: torch.Tensor,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool items a write's read weighs and their weights, (b, j) each: PM all m slots, EM
+    its top k. scores, strengths, used: the slots' (b, m); index: the item each slot holds."""
     if rule.sharpness is None:
-        return torch.arange(scores.shape[-1], device=scores.device).expand_as(scores), scores * strengths
-    read_slots, weights = top_k_weights(scores[:, None], strengths, rule.topk, rule.sharpness[0])
-    return read_slots[:, 0], weights[:, 0]
+        return index, scores * strengths
+    top_slots, weights = top_k_weights(scores[:, None], used, rule.topk, rule.sharpness[0])
+    return index.gather(-1, top_slots[:, 0]), weights[:, 0]

@@ -162,7 +162,8 @@ def test_rows_that_all_end_a_span_are_written_on_a_pool_as_by_the_reference(monk
     import model.pooled_writes
 
     calls, run_pooled = [], model.pooled_writes.run_pooled
-    monkeypatch.setattr(model.pooled_writes, "run_pooled", lambda *args: calls.append(1) or run_pooled(*args))
+    monkeypatch.setattr(model.pooled_writes, "run_pooled",
+                        lambda *args, **kwargs: calls.append(1) or run_pooled(*args, **kwargs))
     memory = make_memory(kind, seed=length)
     inputs = random_inputs(length, seed=length + 1)
     plan = SpanPlan.of([0] * BATCH, length, SPAN)
