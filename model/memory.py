@@ -8,7 +8,8 @@ the weakest slot, and rescale strengths to a norm budget, so a memory never grow
 Inside a span the memory is read-only, so everything except the tiny per-span write runs in
 parallel over the sequence. `run_over_spans` loops over spans only to write, on (b, slots, d)
 tensors, keeping the slots each span started from; then it reads every position in one batched
-call, each position against its own span's snapshot. Users may sit at different offsets inside
+call, each position against its own span's snapshot. A training chunk, whose every row ends every
+user's span, runs that loop on indexes into a pool of items instead (model/pooled_writes.py). Users may sit at different offsets inside
 their spans (`SpanPlan` lines their spans up). `run_over_spans_reference` is the readable loop
 (one user at a time: read a segment, then write) that the tests compare it against.
 """
@@ -472,7 +473,9 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
     Reads inside a row of the plan see only the slots as they were at the row's start, so the
     loop below runs just the write recurrence, collecting those snapshots, and all reads are one
     `memory.read` over (b * S) rows of the grid. Without learning the slots never change: one
-    read over the whole sequence. Equal to `run_over_spans_reference` up to rounding.
+    read over the whole sequence. Rows that all end every user's span, written with autograd (a
+    training chunk), run on a pool of items instead (`model.pooled_writes.run_pooled`). Equal to
+    `run_over_spans_reference` up to rounding.
     """
     writes = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     if not learn:
