@@ -2,14 +2,15 @@
 
 Why: in training every row of a chunk ends a span for every user, and a row's write in slot form
 rewrites every slot of every user (`torch.where` over (b, m, d) keys and values), then the reads
-stack a copy of the slots for every row: most of a training step's memory traffic, forward and
-backward (bench/NOTES.md, sessions 7 and 8). But a slot only ever holds what it held when the
-chunk began or an item written from one row's trace. So the slots at any row are m indexes into a
+stack a copy of the slots for every row, forward and backward. But a slot only ever holds what it
+held when the chunk began or an item written from one row's trace. So the slots at any row are m indexes into a
 pool of m + R items (the given slots, then each written row's key and value), and the loop runs
 on indexes and strengths (b, m): a row's scores are gathered from one product of every row's key
 with the pool, its prediction reads the k values its read weighs. The reads of all rows are then
-two products with the pool. Equal to the row-by-row loop (`write_slots` and reads of stacked
-slots) up to rounding; tests/test_kernels.py checks values and gradients against the reference.
+two products with the pool. On a CPU this halved the loop's bytes and, with fewer ops a row, took
+a quarter of the kernels out of a training step (bench/NOTES.md, session 11). Equal to the
+row-by-row loop (`write_slots` and reads of stacked slots) up to rounding; tests/test_kernels.py
+checks values and gradients against the reference.
 """
 
 from __future__ import annotations
