@@ -40,7 +40,7 @@ from model.config import ModelConfig
 from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.training import autocast
+from model.training import autocast, clipped_step
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
 Weights = dict[str, Tensor]
@@ -238,12 +238,7 @@ def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, re
               "earlier_bpb": config.earlier_weight * math.log(2),
               "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
     loss = sum(scales[name] * value for name, value in parts.items())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"sleep loss became {loss.item()} at step {step}; lower SleepConfig.lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-    optimizer.step()
+    clipped_step(loss, student, optimizer, config.grad_clip, "sleep loss", step, "lower SleepConfig.lr")
     return loss, parts
 
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from model.config import ModelConfig, preset
 from model.corpus import Corpus, as_tensor, random_batch
 from model.lm import ReverieLM, bits_per_byte
-from model.training import TrainConfig, autocast, evaluate_bpb, learning_rate, make_optimizer, train
+from model.training import (TrainConfig, autocast, clipped_step, evaluate_bpb, learning_rate, make_optimizer,
+                            train)
 
 GENES = ("d_model", "n_blocks", "layers_per_block", "window", "pm_rank", "em_slots", "em_topk", "span",
          "ff_type", "gate")
@@ -253,12 +254,7 @@ def distill(student: ReverieLM, teacher: ReverieLM, corpus: Corpus, config: Trai
                 teacher_logits, _ = teacher(inputs, learn=False)
             logits, _ = student(inputs)
             loss = distillation_loss(logits, teacher_logits, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}; lower the lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
+        clipped_step(loss, student, optimizer, config.grad_clip, "distillation loss", step, "lower the lr")
     return time.perf_counter() - started
 
 

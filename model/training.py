@@ -74,6 +74,19 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 what: str, step: int, advice: str) -> None:
+    """Backward and one optimizer step with gradients clipped to `grad_clip`, after checking the
+    loss is finite: a NaN would otherwise be written into every weight. The error names `what`
+    the loss is, the step, and `advice`."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} became {loss.item()} at step {step}; {advice}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 @torch.no_grad()
 def evaluate_bpb(model: ReverieLM, data: bytes, seq_len: int, batch_size: int = 8,
                  max_batches: int | None = 8, amp: bool = True) -> float:
@@ -117,12 +130,7 @@ def train(model: ReverieLM, corpus: Corpus, config: TrainConfig) -> TrainResult:
                     depth = int(torch.randint(1, model.config.n_layers, (1,), generator=generator))
                     exit_logits, _ = forward(inputs, active_layers=depth)
                     loss = loss + config.early_exit_weight * bits_per_byte(exit_logits, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or disable --compile")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            clipped_step(loss, model, optimizer, config.grad_clip, "loss", step, "lower --lr or disable --compile")
             if step % 10 == 0 or step == config.steps - 1:
                 losses.append(loss.item())
                 elapsed = time.perf_counter() - started
