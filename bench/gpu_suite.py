@@ -337,6 +337,43 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                                                zip((fast[0], *fast[1], *fast[2]), (ref[0], *ref[1], *ref[2])))
         return check(max(errors.values()), 1e-9, dtype="float64", cases=errors)
 
+    def fused_loop() -> dict:
+        """model.fused_loop's kernels against the torch loop they replace (`run_pooled`'s), float32 at
+        the preset's sizes: a training chunk's rows (every span of T), indexes, strengths, gradients."""
+        from model.fused_loop import fused_loop_rows
+        from model.pooled_writes import _loop_rows
+
+        config = preset(sizes.reverie)
+        rows, errors, same_index = sizes.seq_len // config.span - 1, {}, True
+        for kind in ("pm", "em"):
+            torch.manual_seed(0)
+            memory = (ProceduralMemory(0.9, 3.0) if kind == "pm" else
+                      EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)).to(device)
+            m = config.pm_rank if kind == "pm" else config.em_slots
+            results = []
+            for fused in (False, True):
+                g = torch.Generator(device=device).manual_seed(3)
+                keys = F.normalize(torch.randn(4, m + rows, config.d_model, generator=g, device=device), dim=-1)
+                values = torch.randn(4, m + rows, config.d_model, generator=g, device=device) * 0.1
+                strengths = torch.rand(4, m, generator=g, device=device) * (torch.rand(4, m, generator=g, device=device)
+                                                                             < 0.5)
+                leaves = [t.requires_grad_() for t in (keys, values, strengths)]
+                memory.zero_grad()
+                rule = memory.stacked_rule([memory])
+                row_scores, value_norms = keys[:, m:] @ keys.mT, values[:, m:].norm(dim=-1) + 1e-6
+                loop = (fused_loop_rows(rule, row_scores, values, value_norms, strengths) if fused else
+                        _loop_rows(rule, row_scores, values, values[:, m:], value_norms, strengths, None))
+                weights = torch.randn(loop.strengths.shape, generator=g, device=device)
+                (loop.strengths * weights).sum().backward()
+                results.append((loop, [t.grad for t in leaves] + [p.grad for p in memory.parameters()
+                                                                  if p.grad is not None]))
+            (want, want_grads), (got, got_grads) = results
+            same_index &= bool(torch.equal(got.index, want.index) and torch.equal(got.wrote, want.wrote))
+            errors[kind] = rel_err(got.strengths, want.strengths)
+            errors[f"{kind} gradients"] = max(rel_err(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+        worst = max(errors.values())
+        return {**check(worst, 1e-4, cases=errors), "ok": worst <= 1e-4 and same_index, "same_index": same_index}
+
     def step_vs_forward() -> dict:
         torch.manual_seed(0)
         config = preset("tiny")
@@ -470,6 +507,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     rec.item("fused_write", fused_write)
     rec.item("step_vs_forward", step_vs_forward)
     if device.type == "cuda":
+        rec.item("fused_loop", fused_loop)
         rec.item("graphed_decode", graphed_decode)
         rec.item("serving_decode_graphs", serving_decode_graphs)
     else:

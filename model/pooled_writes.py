@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from model.fused_loop import LoopRows, fused_loop_rows, fused_loop_supported
 from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule, read_weights, top_k_weights, write_strength
 
 
@@ -54,26 +55,37 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
     pool_values = torch.cat([slots.values, item_values], dim=1)
     row_scores = item_keys @ pool_keys.mT  # (b, R, m + R): each written row's key against every item
     value_norms = item_values.norm(dim=-1) + 1e-6  # (b, R): surprise's denominators
-    index = torch.arange(m, device=slots.keys.device).expand(batch, m)  # the item each slot holds
-    pool_slots = torch.arange(m, m + written, device=slots.keys.device)  # where each row's item sits
-    strengths = slots.strengths
+    if fused_loop_supported(pool_values):
+        loop = fused_loop_rows(rule, row_scores, pool_values, value_norms, slots.strengths)
+    else:
+        loop = _loop_rows(rule, row_scores, pool_values, item_values, value_norms, slots.strengths, row_step)
+    index_rows = loop.index[:, :rows, None, :].expand(-1, -1, query_grid.shape[2], -1)
+    scores = (query_grid @ pool_keys[:, None].mT).gather(-1, index_rows)  # (b, S, P, m)
+    weights = read_weights(scores, loop.strengths[:, :rows], rule.topk, rule.sharpness)
+    pool_weights = torch.zeros(*scores.shape[:-1], m + written, dtype=weights.dtype, device=weights.device)
+    retrieved = pool_weights.scatter(-1, index_rows, weights) @ pool_values[:, None]
+    final = loop.index[:, -1, :, None].expand(-1, -1, d)
+    emptied = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
+    return PooledRun(retrieved, Slots(pool_keys.gather(1, final), pool_values.gather(1, final), loop.strengths[:, -1]),
+                     emptied, loop.wrote.sum(dim=1))
+
+
+def _loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, item_values: torch.Tensor,
+               value_norms: torch.Tensor, strengths: torch.Tensor, row_step: Callable[..., RowResult] | None
+               ) -> LoopRows:
+    """The loop in torch, a `row_step` (default `pooled_row`) a row: what `fused_loop_rows` does."""
+    batch, m = strengths.shape
+    index = torch.arange(m, device=strengths.device).expand(batch, m)  # the item each slot holds
+    pool_slots = torch.arange(m, pool_values.shape[1], device=strengths.device)  # where each row's item sits
     indexes, strengths_by_row, wrote_by_row = [index], [strengths], []
-    for row in range(written):
+    for row in range(row_scores.shape[1]):
         index, strengths, wrote = (row_step or pooled_row)(
             rule, row_scores[:, row], pool_values, item_values[:, row], value_norms[:, row], pool_slots[row], index,
             strengths)
         indexes.append(index)
         strengths_by_row.append(strengths)
         wrote_by_row.append(wrote)
-    index_rows = torch.stack(indexes[:rows], dim=1)[:, :, None, :].expand(-1, -1, query_grid.shape[2], -1)
-    scores = (query_grid @ pool_keys[:, None].mT).gather(-1, index_rows)  # (b, S, P, m)
-    weights = read_weights(scores, torch.stack(strengths_by_row[:rows], dim=1), rule.topk, rule.sharpness)
-    pool_weights = torch.zeros(*scores.shape[:-1], m + written, dtype=weights.dtype, device=weights.device)
-    retrieved = pool_weights.scatter(-1, index_rows, weights) @ pool_values[:, None]
-    final = index[..., None].expand(-1, -1, d)
-    emptied = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
-    return PooledRun(retrieved, Slots(pool_keys.gather(1, final), pool_values.gather(1, final), strengths), emptied,
-                     torch.stack(wrote_by_row, dim=1).sum(dim=1))
+    return LoopRows(torch.stack(indexes, dim=1), torch.stack(strengths_by_row, dim=1), torch.stack(wrote_by_row, 1))
 
 
 def pooled_row(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, value: torch.Tensor,

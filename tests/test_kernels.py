@@ -187,6 +187,67 @@ def test_rows_that_all_end_a_span_are_written_on_a_pool_as_by_the_reference(monk
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["pm", "em"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_fused_write_loop_equals_the_torch_loop(kind, warm):
+    """`model.fused_loop` (its Triton kernels in the interpreter here) against `run_pooled`'s torch
+    loop, float32: each row's indexes, strengths and writes, and the gradients of every input and
+    of the memory's parameters, given a loss on every row's strengths."""
+    from model.fused_loop import fused_loop_rows
+    from model.pooled_writes import _loop_rows
+
+    memory = make_memory(kind, seed={"pm": 29, "em": 26}[kind]).float()  # seeds whose rows write and skip
+    rows = 5
+    g = torch.Generator().manual_seed(22)
+    results = []
+    for fused in (False, True):
+        memory.zero_grad()
+        keys = F.normalize(torch.randn(BATCH, SLOTS + rows, D, generator=g), dim=-1).requires_grad_()
+        values = (0.3 * torch.randn(BATCH, SLOTS + rows, D, generator=g)).requires_grad_()
+        strengths = torch.rand(BATCH, SLOTS, generator=g) * (torch.rand(BATCH, SLOTS, generator=g) < 0.5) * warm
+        strengths.requires_grad_()
+        g.manual_seed(22)  # the same inputs for both loops
+        rule = memory.stacked_rule([memory])
+        row_scores = keys[:, SLOTS:] @ keys.mT
+        value_norms = values[:, SLOTS:].norm(dim=-1) + 1e-6
+        if fused:
+            loop = fused_loop_rows(rule, row_scores, values, value_norms, strengths)
+        else:
+            loop = _loop_rows(rule, row_scores, values, values[:, SLOTS:], value_norms, strengths, None)
+        weights = torch.randn(loop.strengths.shape, generator=torch.Generator().manual_seed(23))
+        (loop.strengths * weights).sum().backward()
+        results.append((loop, [keys.grad, values.grad, strengths.grad]
+                        + [p.grad.clone() for p in memory.parameters() if p.grad is not None]))
+    (torch_loop, torch_grads), (fused_loop, fused_grads) = results
+    assert 0 < int(torch_loop.wrote.sum()) < BATCH * rows  # some rows write, some do not
+    assert torch.equal(fused_loop.index, torch_loop.index) and torch.equal(fused_loop.wrote, torch_loop.wrote)
+    torch.testing.assert_close(fused_loop.strengths, torch_loop.strengths, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, torch_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_training_step_on_the_fused_write_loop_equals_the_torch_loop(monkeypatch):
+    """Whole ReverieLM `tiny`, float32, from no state: the fused loop (interpreted here) gives the
+    torch loop's loss, gradients and state."""
+    import model.pooled_writes
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    lm = ReverieLM(config)
+    tokens = torch.randint(0, 256, (2, 3 * config.span + 1), generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(model.pooled_writes, "fused_loop_supported", lambda values, fused=fused: fused)
+        lm.zero_grad()
+        logits, state = lm(tokens[:, :-1])
+        model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
+        results.append([logits.detach(), *state.detach().tensors().values()]
+                       + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+    assert int(results[0][2].min()) > 0  # writes happened
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_a_training_step_on_pooled_writes_equals_the_reference_loop(monkeypatch):
     """Whole ReverieLM, float64, from no state (training): loss, gradients and state."""
     torch.manual_seed(0)
