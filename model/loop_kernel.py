@@ -18,22 +18,26 @@ def _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK: tl.cons
     over the top-k used slots. Returns the coefficients (BLOCK_M) and, for EM, the softmax over
     the k slots picked (0 elsewhere) and which slots were picked."""
     if TOPK == 0:
-        return scores * strengths, scores * 0.0, slot < 0
-    ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
-    top = tl.max(ranked, axis=0)
-    picked = tl.zeros_like(scores)
-    chose = slot < 0
-    total = 0.0
-    for _ in tl.static_range(TOPK):
-        best = tl.max(ranked, axis=0)
-        chosen = slot == tl.argmax(ranked, axis=0)
-        e = tl.exp((best - top) * sharp)
-        picked = tl.where(chosen, e, picked)
-        chose = chose | chosen
-        total += e
-        ranked = tl.where(chosen, -3.0e38, ranked)
-    softmax = picked / total
-    return tl.where(used, softmax, 0.0), softmax, chose
+        weights = scores * strengths
+        softmax = scores * 0.0
+        chose = slot < 0
+    else:
+        ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
+        top = tl.max(ranked, axis=0)
+        picked = tl.zeros_like(scores)
+        chose = slot < 0
+        total = 0.0
+        for _pick in tl.static_range(TOPK):
+            best = tl.max(ranked, axis=0)
+            chosen = slot == tl.argmax(ranked, axis=0)
+            e = tl.exp((best - top) * sharp)
+            picked = tl.where(chosen, e, picked)
+            chose = chose | chosen
+            total += e
+            ranked = tl.where(chosen, -3.0e38, ranked)
+        softmax = picked / total
+        weights = tl.where(used, softmax, 0.0)
+    return weights, softmax, chose
 
 
 @triton.jit
@@ -71,7 +75,7 @@ def pooled_loop_forward(row_scores, pool_values, value_norms, strengths0, index_
         item = m + row
         scores = tl.load(row_scores + user * srs_b + row * srs_r + index * srs_p, mask=in_m, other=0.0)
         used = (strengths > 0) & in_m
-        weights, _, _ = _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK)
+        weights = _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK)[0]
         miss_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, d, BLOCK_V):
             at = start + lane
@@ -82,7 +86,7 @@ def pooled_loop_forward(row_scores, pool_values, value_norms, strengths0, index_
             else:  # EM: the k items read, found again by weight (the others weigh 0)
                 predicted = tl.zeros([BLOCK_V], dtype=tl.float32)
                 remaining = weights
-                for _ in tl.static_range(TOPK):
+                for _pick in tl.static_range(TOPK):
                     weight = tl.max(remaining, axis=0)
                     pick = tl.argmax(remaining, axis=0)
                     remaining = tl.where(slot == pick, -1.0, remaining)
@@ -93,7 +97,7 @@ def pooled_loop_forward(row_scores, pool_values, value_norms, strengths0, index_
             miss_sq += tl.where(at < d, miss * miss, 0.0)
         miss_norm = tl.sqrt(tl.sum(miss_sq, axis=0))
         surprise = miss_norm / tl.load(value_norms + user * svn_b + row * svn_r)
-        novelty, _, _ = _novelty(scores, used)
+        novelty = _novelty(scores, used)[0]
         fill = tl.sum(used.to(tl.float32), axis=0) / m
         first = w1 + unit * 3
         pre = tl.load(b1 + unit) + tl.load(first) * surprise + tl.load(first + 1) * novelty + tl.load(first + 2) * fill
@@ -142,8 +146,8 @@ def pooled_loop_backward(row_scores, value_norms, index_rows, strength_rows, mis
     grad_w1_fill = tl.zeros([HIDDEN], dtype=tl.float32)
     grad_b1 = tl.zeros([HIDDEN], dtype=tl.float32)
     grad_w2 = tl.zeros([HIDDEN], dtype=tl.float32)
-    grad_b2 = 0.0
-    grad_sharp = 0.0
+    grad_b2 = tl.sum(tl.zeros([HIDDEN], dtype=tl.float32), axis=0)  # fp32 scalars carried by the loop
+    grad_sharp = tl.sum(tl.zeros([HIDDEN], dtype=tl.float32), axis=0)
     carried = tl.load(grad_strength_rows + (user * (rows + 1) + rows) * m + slot, mask=in_m, other=0.0)
     for back in range(0, rows):
         row = rows - 1 - back
