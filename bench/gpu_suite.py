@@ -341,7 +341,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         """model.fused_loop's kernels against the torch loop they replace (`run_pooled`'s), float32 at
         the preset's sizes: a training chunk's rows (every span of T), indexes, strengths, gradients."""
         from model.fused_loop import fused_loop_rows
-        from model.pooled_writes import _loop_rows
+        from model.pooled_writes import torch_loop_rows
 
         config = preset(sizes.reverie)
         rows, errors, same_index = sizes.seq_len // config.span - 1, {}, True
@@ -362,7 +362,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 rule = memory.stacked_rule([memory])
                 row_scores, value_norms = keys[:, m:] @ keys.mT, values[:, m:].norm(dim=-1) + 1e-6
                 loop = (fused_loop_rows(rule, row_scores, values, value_norms, strengths) if fused else
-                        _loop_rows(rule, row_scores, values, values[:, m:], value_norms, strengths, None))
+                        torch_loop_rows(rule, row_scores, values, values[:, m:], value_norms, strengths, None))
                 weights = torch.randn(loop.strengths.shape, generator=g, device=device)
                 (loop.strengths * weights).sum().backward()
                 results.append((loop, [t.grad for t in leaves] + [p.grad for p in memory.parameters()

@@ -58,7 +58,7 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
     if fused_loop_supported(pool_values):
         loop = fused_loop_rows(rule, row_scores, pool_values, value_norms, slots.strengths)
     else:
-        loop = _loop_rows(rule, row_scores, pool_values, item_values, value_norms, slots.strengths, row_step)
+        loop = torch_loop_rows(rule, row_scores, pool_values, item_values, value_norms, slots.strengths, row_step)
     index_rows = loop.index[:, :rows, None, :].expand(-1, -1, query_grid.shape[2], -1)
     scores = (query_grid @ pool_keys[:, None].mT).gather(-1, index_rows)  # (b, S, P, m)
     weights = read_weights(scores, loop.strengths[:, :rows], rule.topk, rule.sharpness)
@@ -70,7 +70,7 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
                      emptied, loop.wrote.sum(dim=1))
 
 
-def _loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, item_values: torch.Tensor,
+def torch_loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, item_values: torch.Tensor,
                value_norms: torch.Tensor, strengths: torch.Tensor, row_step: Callable[..., RowResult] | None
                ) -> LoopRows:
     """The loop in torch, a `row_step` (default `pooled_row`) a row: what `fused_loop_rows` does."""

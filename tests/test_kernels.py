@@ -195,7 +195,7 @@ def test_the_fused_write_loop_equals_the_torch_loop(kind, warm):
     loop, float32: each row's indexes, strengths and writes, and the gradients of every input and
     of the memory's parameters, given a loss on every row's strengths."""
     from model.fused_loop import fused_loop_rows
-    from model.pooled_writes import _loop_rows
+    from model.pooled_writes import torch_loop_rows
 
     memory = make_memory(kind, seed={"pm": 29, "em": 26}[kind]).float()  # seeds whose rows write and skip
     rows = 5
@@ -214,7 +214,7 @@ def test_the_fused_write_loop_equals_the_torch_loop(kind, warm):
         if fused:
             loop = fused_loop_rows(rule, row_scores, values, value_norms, strengths)
         else:
-            loop = _loop_rows(rule, row_scores, values, values[:, SLOTS:], value_norms, strengths, None)
+            loop = torch_loop_rows(rule, row_scores, values, values[:, SLOTS:], value_norms, strengths, None)
         weights = torch.randn(loop.strengths.shape, generator=torch.Generator().manual_seed(23))
         (loop.strengths * weights).sum().backward()
         results.append((loop, [keys.grad, values.grad, strengths.grad]
