@@ -38,6 +38,7 @@ from bench.gpu_suite import warm_state  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
+from model.fused_loop import fused_loop_supported  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import compiled_writes  # noqa: E402
 
@@ -165,7 +166,10 @@ def main() -> None:
         step = training_step(lm, args, device)
         name = (f"train, writes {'eager' if args.eager_writes else 'compiled'}" + (", loops compiled" if args.compile_loops else "")
                 + (", layers compiled" if args.compile_layers else ""))
-        settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers, "compile_loops": args.compile_loops}
+        fused = fused_loop_supported(torch.empty(0, device=device)) and not args.compile_loops
+        name += ", loops fused" if fused else ""
+        settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers, "compile_loops": args.compile_loops,
+                    "write_loops": "fused kernels (model/fused_loop.py)" if fused else "torch"}
     elif args.what == "sleep":
         step = sleep_step(lm, args, device)
         name = f"sleep b={args.batch}x{args.seq_len}" + (", layers compiled" if args.compile_layers else "")
