@@ -345,6 +345,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
         config = preset(sizes.reverie)
         rows, errors, same_index = sizes.seq_len // config.span - 1, {}, True
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
         for kind in ("pm", "em"):
             torch.manual_seed(0)
             memory = (ProceduralMemory(0.9, 3.0) if kind == "pm" else
@@ -371,6 +372,9 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             same_index &= bool(torch.equal(got.index, want.index) and torch.equal(got.wrote, want.wrote))
             errors[kind] = rel_err(got.strengths, want.strengths)
             errors[f"{kind} gradients"] = max(rel_err(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+        # With TF32 (the suite's setting) both sides' products round to ~1e-3 apart: 3.5e-4 in gradients
+        # on the H200 in session 12, where the forward agreed to 7e-8. The kernels are float32 exact.
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         worst = max(errors.values())
         return {**check(worst, 1e-4, cases=errors), "ok": worst <= 1e-4 and same_index, "same_index": same_index}
 
