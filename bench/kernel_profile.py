@@ -129,6 +129,29 @@ def op_table(prof: profile) -> list[dict]:
     return sorted(rows, key=lambda row: -row["ms"])
 
 
+def stack_table(prof: profile, frames: int, cuda: bool) -> list[dict]:
+    """Device time (CPU time without a GPU) of each aten op by the model's Python functions that
+    called it, innermost first, or by the autograd node that ran it in the backward: which part of
+    the model launched the kernels an op table only names. Self time only."""
+    totals: dict[tuple, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        callers, parent = [], event.cpu_parent
+        while parent is not None and len(callers) < frames:
+            if "model/" in parent.name and ".py(" in parent.name:
+                callers.append(parent.name.split("model/")[-1])
+            elif parent.name.startswith("autograd::engine::evaluate_function: "):
+                callers.append(parent.name.split(": ", 1)[1])
+            parent = parent.cpu_parent
+        entry = totals[(event.name, tuple(callers))]
+        entry[0] += 1
+        entry[1] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1000.0
+    rows = [{"op": op, "stack": list(callers), "count": count, "ms": round(ms, 3)}
+            for (op, callers), (count, ms) in totals.items() if ms > 0]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
 def kernel_table(prof: profile, cuda: bool) -> dict[str, list[float]]:
     kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
@@ -155,6 +178,8 @@ def main() -> None:
     parser.add_argument("--ops", action="store_true", help="also the device time by the operator that launched it")
     parser.add_argument("--bytes", action="store_true",
                         help="count the step's aten ops and the bytes they write (views excluded), then stop")
+    parser.add_argument("--stacks", type=int, default=0, metavar="FRAMES",
+                        help="also the device time by the Python lines (FRAMES deep) that launched it")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -190,7 +215,8 @@ def main() -> None:
             step()
         if cuda:
             torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                     with_stack=args.stacks > 0) as prof:
             step()
             if cuda:
                 torch.cuda.synchronize()
@@ -205,6 +231,8 @@ def main() -> None:
               "kernel_ms_total": round(total_ms, 3), "kernels": launches, "top": rows[:args.top]}
     if args.ops:
         result["top_ops"] = op_table(prof)[:args.top]
+    if args.stacks:
+        result["top_stacks"] = stack_table(prof, args.stacks, cuda)[:args.top]
     save_section(RESULTS, name, result)
     print(f"{name} ({args.preset}, b={args.batch}): {launches} kernels, {total_ms:.2f} ms of kernel time")
     print(f"{'ms':>9} {'share':>6} {'count':>7}  kernel")
@@ -212,6 +240,8 @@ def main() -> None:
         print(f"{row['ms']:9.3f} {row['ms'] / total_ms:6.1%} {row['count']:7d}  {row['name']}")
     for row in result.get("top_ops", []):
         print(f"{row['ms']:9.3f} {row['ms'] / total_ms:6.1%} {row['count']:7d}  op {row['op']}")
+    for row in result.get("top_stacks", []):
+        print(f"{row['ms']:9.3f} {row['ms'] / total_ms:6.1%} {row['count']:7d}  {row['op']} at {' < '.join(row['stack'])}")
 
 
 if __name__ == "__main__":
