@@ -48,15 +48,17 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     if a.shape[1] == 1:  # one byte per user (decoding): h_0 = a_0 * h0 + b_0 is already done
         return b
     if a.is_cuda and _triton_forward is not None and a.dtype == torch.float32:
-        return _fused_scan(a, b)
+        # The kernels want (batch, channels, T) contiguous. Transposed here, outside the compiler-
+        # disabled call, so a compiled caller writes a and b in that layout from the kernel that
+        # makes them instead of copying them eagerly (2 copies of (b, T, d) a layer).
+        return _fused_scan(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
     return log_depth_scan(a, b)
 
 
 @torch.compiler.disable  # an opaque Triton kernel with its own backward: torch.compile runs it as is
 def _fused_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """accelerated-scan from a zero state. a, b: (batch, T, d) -> h: (batch, T, d)."""
-    # The kernels want (batch, channels, T) contiguous.
-    return _FusedScan.apply(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()).transpose(1, 2)
+    """accelerated-scan from a zero state. a, b: (batch, d, T), contiguous -> h: (batch, d, T)."""
+    return _FusedScan.apply(a, b)
 
 
 class _FusedScan(torch.autograd.Function):
