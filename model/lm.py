@@ -56,21 +56,32 @@ class Layer(nn.Module):
         """The plan's last row (its trace sums and span ends) is left to `ReverieLM._close_last_spans`.
         last: (b,) each user's last position in a right-padded batch (None: all T - 1).
         skip_memory: PM is neither read nor written (learn off over empty memory: its reads are zero)."""
-        u = self.mix_norm(x)
-        y, carry = self.mixer(u, state.carry, last)
-        x = x + y
+        x, carry, queries, values = self.mix(x, state.carry, last, not skip_memory)
         if skip_memory:
-            returned = LayerState(carry, state.slots, state.trace, state.writes)
-        else:
-            with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
-                wide = float32_or_wider(u)
-                queries = F.normalize(u.to(wide), dim=-1)
-                run = run_over_spans(self.procedural, queries, y.to(wide), state.slots, state.trace, plan, self.span,
-                                     learn, close_last=False)
-            x = x + run.reads.to(x.dtype)
-            returned = LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
-        x = x + self.ff(self.ff_norm(x))
-        return x, returned
+            return self.feed(x, None), LayerState(carry, state.slots, state.trace, state.writes)
+        run = run_over_spans(self.procedural, queries, values, state.slots, state.trace, plan, self.span, learn,
+                             close_last=False)
+        return self.feed(x, run.reads), LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
+
+    def mix(self, x: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None, memory: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x + scan(norm(x)), the new carry, and PM's queries and values (float32 or wider; None
+        without memory): all the layer does before its memory, one piece for
+        `ReverieLM.compile_layers` to fuse."""
+        u = self.mix_norm(x)
+        y, carry = self.mixer(u, carry, last)
+        if not memory:
+            return x + y, carry, None, None
+        with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
+            wide = float32_or_wider(u)
+            queries, values = F.normalize(u.to(wide), dim=-1), y.to(wide)
+        return x + y, carry, queries, values
+
+    def feed(self, x: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
+        """x + PM's reads, then the feed-forward's residual: all the layer does after its memory."""
+        if reads is not None:
+            x = x + reads.to(x.dtype)
+        return x + self.ff(self.ff_norm(x))
 
 
 class Block(nn.Module):
@@ -134,20 +145,21 @@ class ReverieLM(nn.Module):
         return count
 
     def compile_layers(self, backend: str = "inductor") -> None:
-        """torch.compile the pieces of every layer, in place: norms, mixer, feed-forward, memory
+        """torch.compile the pieces of every layer, in place: what a layer does before its memory
+        (`Layer.mix`: norm, mixer, residual, PM's queries) and after it (`Layer.feed`), memory
         reads, episodic queries and the working memory. The span loop stays Python (its writes
-        have `model.memory.compiled_writes`); layers of one shape share the compiled code. On the
-        H100 this took a CUDA-graphed training step of `base` from 276 to 236 ms (bench/NOTES.md):
-        what it fuses is memory traffic, so it pays where the step is not bound by launches.
-        Calling it again changes nothing."""
+        have `model.memory.compiled_writes` and, on CUDA, `model.fused_loop`); layers of one shape
+        share the compiled code. What it fuses is memory traffic: session 12's profile (H200) had
+        ~25% of a step in eager elementwise glue between the compiled modules, so the glue is now
+        inside the pieces (bench/NOTES.md). Calling it again changes nothing."""
         if self._layers_compiled:
             return
         self._layers_compiled = True
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.blocks:
             for layer in block.layers:
-                for module in (layer.mix_norm, layer.mixer, layer.ff_norm, layer.ff):
-                    module.compile(backend=backend)
+                layer.mix = torch.compile(layer.mix, backend=backend)
+                layer.feed = torch.compile(layer.feed, backend=backend)
                 layer.procedural.read = torch.compile(layer.procedural.read, backend=backend)
             block.em_norm.compile(backend=backend)
             block.episodic.read = torch.compile(block.episodic.read, backend=backend)
