@@ -59,8 +59,9 @@ class Layer(nn.Module):
         x, carry, queries, values = self.mix(x, state.carry, last, not skip_memory)
         if skip_memory:
             return self.feed(x, None), LayerState(carry, state.slots, state.trace, state.writes)
-        run = run_over_spans(self.procedural, queries, values, state.slots, state.trace, plan, self.span, learn,
-                             close_last=False)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
+            run = run_over_spans(self.procedural, queries, values, state.slots, state.trace, plan, self.span, learn,
+                                 close_last=False)
         return self.feed(x, run.reads), LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
 
     def mix(self, x: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None, memory: bool = True

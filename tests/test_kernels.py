@@ -483,3 +483,20 @@ def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
         assert EpisodicMemory.stacked_rule(memories) is not changed
     with torch.no_grad():
         assert EpisodicMemory.stacked_rule(memories) is changed
+
+
+def test_a_training_step_under_bf16_autocast_keeps_the_memory_math_in_float32():
+    """As training runs on a GPU (bf16 autocast), here on the CPU's autocast: the span loop and its
+    reads stay float32 (their products under autocast would come back bf16 and mix dtypes), so the
+    step runs and the state it returns is float32."""
+    torch.manual_seed(0)
+    lm = ReverieLM(preset("tiny"))
+    tokens = torch.randint(0, 256, (2, 3 * lm.config.span + 1), generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = lm(tokens[:, :-1])
+        loss = model.lm.bits_per_byte(logits, tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert int(state.writes.min()) > 0
+    assert all(t.dtype == torch.float32 for name, t in state.tensors().items() if t.is_floating_point()), \
+        {name: t.dtype for name, t in state.tensors().items()}
