@@ -49,7 +49,10 @@ def fused_loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torc
 
 
 class _PooledLoop(torch.autograd.Function):
+    # Float32 kernels: under autocast the inputs are cast up and the products in backward stay
+    # float32 (a bf16 product there fails against the kernels' float32 buffers).
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, row_scores, pool_values, value_norms, strengths, w1, b1, w2, b2, sharpness, topk, decay, budget):
         kernels = _kernels()
         if kernels is None:
@@ -79,6 +82,7 @@ class _PooledLoop(torch.autograd.Function):
         return index, strength_rows, wrote
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, _index, grad_strength_rows, _wrote):
         (row_scores, pool_values, value_norms, index, strength_rows, coefficients, miss_norms,
          w1, b1, w2, b2, sharpness) = ctx.saved_tensors
