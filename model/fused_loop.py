@@ -15,11 +15,11 @@ Float32 on CUDA with Triton installed; under TRITON_INTERPRET=1 the kernels run 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
+from model.fused_write import next_power_of_2, triton_kernels
 from model.memory import WRITE_THRESHOLD, WriteRule
 
 
@@ -33,7 +33,7 @@ def fused_loop_supported(pool_values: torch.Tensor) -> bool:
     """Whether `fused_loop_rows` can run this loop: float32 CUDA tensors with Triton installed,
     outside torch.compile (which traces the torch loop instead: `compiled_writes(loops=True)`)."""
     return (pool_values.is_cuda and pool_values.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and _kernels() is not None)
+            and triton_kernels("model.loop_kernel") is not None)
 
 
 def fused_loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, value_norms: torch.Tensor,
@@ -54,7 +54,7 @@ class _PooledLoop(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, row_scores, pool_values, value_norms, strengths, w1, b1, w2, b2, sharpness, topk, decay, budget):
-        kernels = _kernels()
+        kernels = triton_kernels("model.loop_kernel")
         if kernels is None:
             raise RuntimeError("the fused write loop needs Triton (pip install triton); "
                                "use model.pooled_writes.run_pooled's torch loop")
@@ -67,9 +67,9 @@ class _PooledLoop(torch.autograd.Function):
         wrote = torch.empty(batch, rows, dtype=torch.int8, device=row_scores.device)
         coefficients = torch.zeros(batch, rows, pool, dtype=row_scores.dtype, device=row_scores.device)
         miss_norms = torch.empty(batch, rows, dtype=row_scores.dtype, device=row_scores.device)
-        block_m = _next_power_of_2(m)
-        block_v = min(_next_power_of_2(d), max(16, 8192 // block_m)) if topk == 0 else min(_next_power_of_2(d), 1024)
-        kernels.forward[(batch,)](
+        block_m = next_power_of_2(m)
+        block_v = min(next_power_of_2(d), max(16, 8192 // block_m)) if topk == 0 else min(next_power_of_2(d), 1024)
+        kernels.forward_kernel[(batch,)](
             row_scores, pool_values, value_norms, strengths, index, strength_rows, wrote, coefficients, miss_norms,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), sharpness,
             *row_scores.stride(), *pool_values.stride(), *value_norms.stride(), *strengths.stride(),
@@ -95,12 +95,12 @@ class _PooledLoop(torch.autograd.Function):
         miss_scales = torch.empty_like(grad_value_norms)
         grad_strengths = torch.empty(batch, m, dtype=row_scores.dtype, device=row_scores.device)
         grad_rule = torch.empty(batch, 5 * hidden + 2, dtype=row_scores.dtype, device=row_scores.device)
-        _kernels().backward[(batch,)](
+        triton_kernels("model.loop_kernel").backward_kernel[(batch,)](
             row_scores, value_norms, index, strength_rows, miss_norms, miss @ pool_values.mT,
             grad_strength_rows.contiguous(), grad_row_scores, grad_value_norms, miss_scales, grad_strengths, grad_rule,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), sharpness,
             *row_scores.stride(), *value_norms.stride(), rows, m, decay, budget, WRITE_THRESHOLD,
-            TOPK=topk, HIDDEN=hidden, BLOCK_M=_next_power_of_2(m), num_warps=4)
+            TOPK=topk, HIDDEN=hidden, BLOCK_M=next_power_of_2(m), num_warps=4)
         grad_miss = miss_scales[..., None] * miss  # d loss / d (value - predicted)
         grad_pool_values = -(coefficients.mT @ grad_miss)
         grad_pool_values[:, m:] += grad_miss
@@ -112,22 +112,3 @@ class _PooledLoop(torch.autograd.Function):
         grad_sharpness = summed[-1:].view_as(sharpness) if topk else None
         return (grad_row_scores, grad_pool_values, grad_value_norms, grad_strengths, grad_w1, grad_b1, grad_w2,
                 grad_b2, grad_sharpness, None, None, None)
-
-
-class _TritonKernels(NamedTuple):
-    forward: object
-    backward: object
-
-
-@functools.cache
-def _kernels() -> _TritonKernels | None:
-    """The Triton kernels, imported on first use: Triton is optional, and slow to import."""
-    try:
-        from model.loop_kernel import backward_kernel, forward_kernel
-    except ImportError:  # pragma: no cover - depends on the machine
-        return None
-    return _TritonKernels(forward_kernel, backward_kernel)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()

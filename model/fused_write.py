@@ -20,11 +20,11 @@ that is how the tests check it on machines without a GPU.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -43,7 +43,7 @@ def fused_write_supported(slots: Slots) -> bool:
     if torch.is_grad_enabled():
         return False
     if keys.is_cuda:
-        return keys.dtype == torch.float32 and _triton_kernel() is not None
+        return keys.dtype == torch.float32 and triton_kernels("model.write_kernel") is not None
     return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float64) and _cpu_kernel() is not None
 
 
@@ -89,7 +89,7 @@ def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Ten
                   w2: torch.Tensor, b2: torch.Tensor, sharpness: torch.Tensor | None, topk: int, span: float,
                   decay: float, budget: float) -> torch.Tensor:
     """Both kernels' launch (model/write_kernel.py), on plain tensors: what the custom op runs."""
-    kernels = _triton_kernel()
+    kernels = triton_kernels("model.write_kernel")
     if kernels is None:
         raise RuntimeError("the fused memory write on CUDA needs Triton (pip install triton); "
                            "use model.memory.write_slots")
@@ -101,19 +101,19 @@ def _triton_write(keys: torch.Tensor, values: torch.Tensor, strengths: torch.Ten
     has_sums = sum_keys is not None
     sum_keys, sum_values = (sum_keys, sum_values) if has_sums else (trace_keys, trace_values)  # unread then
     if split:  # the keys read by many programs at once; the write's program takes the scores
-        block_s = max(1, min(_next_power_of_2(m), _previous_power_of_2(SCORES_CHUNK // d)))
-        block_d = min(_next_power_of_2(d), max(16, 16384 // block_s))
-        kernels.scores[(batch, count, -(-m // block_s))](
+        block_s = max(1, min(next_power_of_2(m), _previous_power_of_2(SCORES_CHUNK // d)))
+        block_d = min(next_power_of_2(d), max(16, 16384 // block_s))
+        kernels.scores_kernel[(batch, count, -(-m // block_s))](
             keys, trace_keys, sum_keys, closing, scores, *keys.stride(), *trace_keys.stride(), *sum_keys.stride(),
             m, d, HAS_CLOSES=closes is not None, HAS_SUMS=has_sums, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     # A program streams its user's slots alone, so each step of its loop over d should have many
     # bytes in flight: tiles of up to 16K floats (64 KB), 32 per thread. Rows (trace, value, the
     # slot written) go in one step where they fit 4K floats; PM's values are a tile again.
-    block_m = _next_power_of_2(m)
-    block_d = min(_next_power_of_2(d), max(16, 16384 // block_m))
-    block_v = min(_next_power_of_2(d), 4096) if sharpness is not None else block_d
+    block_m = next_power_of_2(m)
+    block_d = min(next_power_of_2(d), max(16, 16384 // block_m))
+    block_v = min(next_power_of_2(d), 4096) if sharpness is not None else block_d
     warps = max(4, min(16, block_m * block_d // 1024))
-    kernels.write[(batch, count)](
+    kernels.kernel[(batch, count)](
         keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closing, writes, scores,
         w1, b1, w2, b2, b2 if sharpness is None else sharpness,
         *keys.stride(), *values.stride(), *strengths.stride(), *trace_keys.stride(), *trace_values.stride(),
@@ -136,19 +136,14 @@ def _(keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, c
     return keys.new_empty(keys.shape[0], dtype=torch.int64)
 
 
-class _TritonKernels(NamedTuple):
-    write: object
-    scores: object
-
-
 @functools.cache
-def _triton_kernel() -> _TritonKernels | None:
-    """The Triton kernels, imported on first use: Triton is optional, and slow to import."""
+def triton_kernels(module: str):
+    """A module of Triton kernels (model/write_kernel.py, model/loop_kernel.py), imported on first
+    use, or None without Triton: Triton is optional, and slow to import."""
     try:
-        from model.write_kernel import kernel, scores_kernel
+        return importlib.import_module(module)
     except ImportError:  # pragma: no cover - depends on the machine
         return None
-    return _TritonKernels(kernel, scores_kernel)
 
 
 @functools.cache
@@ -169,7 +164,7 @@ def _cpu_kernel():
         return None
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 

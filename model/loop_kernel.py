@@ -11,33 +11,7 @@ imported (tests/conftest.py), Triton's interpreter runs them on CPU tensors.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK: tl.constexpr):
-    """A write's read over the slots (`_read_selection`): PM's scores x strengths, or EM's softmax
-    over the top-k used slots. Returns the coefficients (BLOCK_M) and, for EM, the softmax over
-    the k slots picked (0 elsewhere) and which slots were picked."""
-    if TOPK == 0:
-        weights = scores * strengths
-        softmax = scores * 0.0
-        chose = slot < 0
-    else:
-        ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
-        top = tl.max(ranked, axis=0)
-        picked = tl.zeros_like(scores)
-        chose = slot < 0
-        total = 0.0
-        for _pick in tl.static_range(TOPK):
-            best = tl.max(ranked, axis=0)
-            chosen = slot == tl.argmax(ranked, axis=0)
-            e = tl.exp((best - top) * sharp)
-            picked = tl.where(chosen, e, picked)
-            chose = chose | chosen
-            total += e
-            ranked = tl.where(chosen, -3.0e38, ranked)
-        softmax = picked / total
-        weights = tl.where(used, softmax, 0.0)
-    return weights, softmax, chose
+from model.write_kernel import neuromodulator, predicted_values, read_weights
 
 
 @triton.jit
@@ -69,40 +43,23 @@ def pooled_loop_forward(row_scores, pool_values, value_norms, strengths0, index_
     sharp = 0.0
     if TOPK != 0:
         sharp = tl.load(sharpness)
-    unit = tl.arange(0, HIDDEN)
     values = pool_values + user * spv_b
     for row in range(0, rows):
         item = m + row
         scores = tl.load(row_scores + user * srs_b + row * srs_r + index * srs_p, mask=in_m, other=0.0)
         used = (strengths > 0) & in_m
-        weights = _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK)[0]
+        weights = read_weights(scores, strengths, used, slot, in_m, sharp, TOPK)[0]
         miss_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, d, BLOCK_V):
             at = start + lane
-            if TOPK == 0:
-                tile = tl.load(values + index[:, None] * spv_p + at[None, :] * spv_d,
-                               mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
-                predicted = tl.sum(tile * weights[:, None], axis=0)
-            else:  # EM: the k items read, found again by weight (the others weigh 0)
-                predicted = tl.zeros([BLOCK_V], dtype=tl.float32)
-                remaining = weights
-                for _pick in tl.static_range(TOPK):
-                    weight = tl.max(remaining, axis=0)
-                    pick = tl.argmax(remaining, axis=0)
-                    remaining = tl.where(slot == pick, -1.0, remaining)
-                    picked_item = tl.sum(tl.where(slot == pick, index, 0), axis=0)
-                    weighed = (at < d) & (tl.zeros([BLOCK_V], dtype=tl.float32) + weight != 0.0)
-                    predicted += weight * tl.load(values + picked_item * spv_p + at * spv_d, mask=weighed, other=0.0)
+            predicted = predicted_values(values, index, weights, slot, at, d, spv_p, spv_d, TOPK, BLOCK_V)
             miss = tl.load(values + item * spv_p + at * spv_d, mask=at < d, other=0.0) - predicted
             miss_sq += tl.where(at < d, miss * miss, 0.0)
         miss_norm = tl.sqrt(tl.sum(miss_sq, axis=0))
         surprise = miss_norm / tl.load(value_norms + user * svn_b + row * svn_r)
         novelty = _novelty(scores, used)[0]
         fill = tl.sum(used.to(tl.float32), axis=0) / m
-        first = w1 + unit * 3
-        pre = tl.load(b1 + unit) + tl.load(first) * surprise + tl.load(first + 1) * novelty + tl.load(first + 2) * fill
-        out = tl.sum(tl.load(w2 + unit) * (pre / (1.0 + tl.exp(-pre))), axis=0) + tl.load(b2)
-        strength = 1.0 / (1.0 + tl.exp(-out))
+        strength = neuromodulator(w1, b1, w2, b2, surprise, novelty, fill, HIDDEN)
         wrote = strength > threshold
         decayed = strengths * decay
         taken = tl.where(slot == tl.argmin(tl.where(in_m, decayed, 3.0e38), axis=0), wrote, False)
@@ -155,7 +112,7 @@ def pooled_loop_backward(row_scores, value_norms, index_rows, strength_rows, mis
         strengths = tl.load(strength_rows + (user * (rows + 1) + row) * m + slot, mask=in_m, other=0.0)
         scores = tl.load(row_scores + user * srs_b + row * srs_r + index * srs_p, mask=in_m, other=0.0)
         used = (strengths > 0) & in_m
-        weights, softmax, chose = _read_coefficients(scores, strengths, used, slot, in_m, sharp, TOPK)
+        weights, softmax, chose = read_weights(scores, strengths, used, slot, in_m, sharp, TOPK)
         miss_norm = tl.load(miss_norms + user * rows + row)
         value_norm = tl.load(value_norms + user * svn_b + row * svn_r)
         surprise = miss_norm / value_norm

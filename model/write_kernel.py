@@ -82,55 +82,24 @@ def write_slot_kernel(keys, values, strengths, trace_keys, trace_values, sum_key
         used = (old > 0) & in_m
 
         # read: PM's strength-weighted sum, or EM's softmax over the top-k used slots
-        if TOPK == 0:
-            weights = old * scores
-        else:
+        sharp = 0.0
+        if TOPK != 0:
             sharp = tl.load(sharpness + instance)
-            ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
-            top = tl.max(ranked, axis=0)
-            picked = tl.zeros([BLOCK_M], dtype=tl.float32)
-            total = 0.0
-            for _ in tl.static_range(TOPK):
-                best = tl.max(ranked, axis=0)
-                chosen = slot == tl.argmax(ranked, axis=0)
-                e = tl.exp((best - top) * sharp)
-                picked = tl.where(chosen, e, picked)
-                total += e
-                ranked = tl.where(chosen, -3.0e38, ranked)
-            weights = tl.where(used, picked / total, 0.0)
+        weights = read_weights(scores, old, used, slot, in_m, sharp, TOPK)[0]
 
         # predicted = read; surprise = |value - predicted| / (|value| + 1e-6)
         miss_sq = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, d, BLOCK_V):
             at = start + row_lane
-            if TOPK == 0:
-                tile = tl.load(value_row + slot[:, None] * sv_m + at[None, :] * sv_d,
-                               mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
-                predicted = tl.sum(tile * weights[:, None], axis=0)
-            else:  # EM: its top-k rows only, found again by weight (the others weigh 0)
-                predicted = tl.zeros([BLOCK_V], dtype=tl.float32)
-                remaining = weights
-                for _ in tl.static_range(TOPK):
-                    weight = tl.max(remaining, axis=0)
-                    pick = tl.argmax(remaining, axis=0)
-                    remaining = tl.where(slot == pick, -1.0, remaining)
-                    weighed = (at < d) & (tl.zeros([BLOCK_V], dtype=tl.float32) + weight != 0.0)
-                    row = tl.load(value_row + pick * sv_m + at * sv_d, mask=weighed, other=0.0)
-                    predicted += weight * row
+            predicted = predicted_values(value_row, slot, weights, slot, at, d, sv_m, sv_d, TOPK, BLOCK_V)
             miss = tl.load(trace_value + at * stv_d, mask=at < d, other=0.0) / span - predicted
             miss_sq += tl.where(at < d, miss * miss, 0.0)
         surprise = tl.sqrt(tl.sum(miss_sq, axis=0)) / (value_norm + 1e-6)
         novelty = 1.0 - tl.maximum(tl.max(tl.where(used, scores, -1.0), axis=0), 0.0)
         fill = tl.sum(used.to(tl.float32), axis=0) / m
 
-        # the neuromodulator: sigmoid(w2 @ silu(w1 @ [surprise, novelty, fill] + b1) + b2)
-        unit = tl.arange(0, HIDDEN)
-        first = w1 + instance * HIDDEN * 3 + unit * 3
-        pre = (tl.load(b1 + instance * HIDDEN + unit) + tl.load(first) * surprise
-               + tl.load(first + 1) * novelty + tl.load(first + 2) * fill)
-        activation = pre / (1.0 + tl.exp(-pre))
-        out = tl.sum(tl.load(w2 + instance * HIDDEN + unit) * activation, axis=0) + tl.load(b2 + instance)
-        strength = 1.0 / (1.0 + tl.exp(-out))
+        strength = neuromodulator(w1 + instance * HIDDEN * 3, b1 + instance * HIDDEN, w2 + instance * HIDDEN,
+                                  b2 + instance, surprise, novelty, fill, HIDDEN)
         wrote = strength > threshold
 
         # the weakest slot (first minimum of the decayed strengths) takes the item; budget rescale
@@ -191,6 +160,68 @@ def slot_scores_kernel(keys, trace_keys, sum_keys, closes, scores,
                            mask=in_m[:, None] & (at[None, :] < d), other=0.0)
             total += tl.sum(tile * key[None, :], axis=1)
         tl.store(scores + (user * n + instance) * m + slot, total, mask=in_m)
+
+
+@triton.jit
+def read_weights(scores, strengths, used, slot, in_m, sharp, TOPK: tl.constexpr):
+    """A write's read over the slots: PM's scores x strengths, or EM's softmax over the top-k used
+    slots. Returns the weights (BLOCK_M) and, for EM, the softmax over the k slots picked (0
+    elsewhere) and which slots were picked (the backward of `model.loop_kernel` needs them)."""
+    if TOPK == 0:
+        weights = scores * strengths
+        softmax = scores * 0.0
+        chose = slot < 0
+    else:
+        ranked = tl.where(in_m, tl.where(used, scores, -1e4), -3.0e38)
+        top = tl.max(ranked, axis=0)
+        picked = tl.zeros_like(scores)
+        chose = slot < 0
+        total = 0.0
+        for _pick in tl.static_range(TOPK):
+            best = tl.max(ranked, axis=0)
+            chosen = slot == tl.argmax(ranked, axis=0)
+            e = tl.exp((best - top) * sharp)
+            picked = tl.where(chosen, e, picked)
+            chose = chose | chosen
+            total += e
+            ranked = tl.where(chosen, -3.0e38, ranked)
+        softmax = picked / total
+        weights = tl.where(used, softmax, 0.0)
+    return weights, softmax, chose
+
+
+@triton.jit
+def predicted_values(values, rows, weights, slot, at, d, stride_row, stride_d, TOPK: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
+    """Columns `at` of the read's prediction, sum of weights x values[rows]: PM one tile of its
+    rows, EM its top-k rows only, found again by weight (the others weigh 0). rows (BLOCK_M): the
+    row of `values` each slot reads."""
+    if TOPK == 0:
+        tile = tl.load(values + rows[:, None] * stride_row + at[None, :] * stride_d,
+                       mask=(weights != 0.0)[:, None] & (at[None, :] < d), other=0.0)
+        predicted = tl.sum(tile * weights[:, None], axis=0)
+    else:
+        predicted = tl.zeros([BLOCK_V], dtype=tl.float32)
+        remaining = weights
+        for _pick in tl.static_range(TOPK):
+            weight = tl.max(remaining, axis=0)
+            pick = tl.argmax(remaining, axis=0)
+            remaining = tl.where(slot == pick, -1.0, remaining)
+            row = tl.sum(tl.where(slot == pick, rows, 0), axis=0)
+            weighed = (at < d) & (tl.zeros([BLOCK_V], dtype=tl.float32) + weight != 0.0)
+            predicted += weight * tl.load(values + row * stride_row + at * stride_d, mask=weighed, other=0.0)
+    return predicted
+
+
+@triton.jit
+def neuromodulator(w1, b1, w2, b2, surprise, novelty, fill, HIDDEN: tl.constexpr):
+    """One instance's write strength, sigmoid(w2 @ silu(w1 @ [surprise, novelty, fill] + b1) + b2);
+    the pointers are that instance's rows."""
+    unit = tl.arange(0, HIDDEN)
+    first = w1 + unit * 3
+    pre = tl.load(b1 + unit) + tl.load(first) * surprise + tl.load(first + 1) * novelty + tl.load(first + 2) * fill
+    out = tl.sum(tl.load(w2 + unit) * (pre / (1.0 + tl.exp(-pre))), axis=0) + tl.load(b2)
+    return 1.0 / (1.0 + tl.exp(-out))
 
 
 kernel = triton.jit(write_slot_kernel)

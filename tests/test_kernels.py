@@ -228,43 +228,48 @@ def test_the_fused_write_loop_equals_the_torch_loop(kind, warm):
 
 
 COMPILE_FOR_HOPPER = """
-import inspect, sys
+import inspect, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from model.loop_kernel import backward_kernel, forward_kernel
+from model.write_kernel import kernel as write_kernel, scores_kernel
 
-SCALARS = {"rows": "i32", "m": "i32", "d": "i32", "decay": "fp32", "budget": "fp32", "threshold": "fp32"}
-POINTERS = {"index_rows": "*i64", "wrote_rows": "*i8"}
-for kernel, block_v in ((forward_kernel, {"BLOCK_V": 1024}), (backward_kernel, {})):
-    for topk, block_m in ((0, 8), (4, 256)):
-        constants = {"TOPK": topk, "HIDDEN": 16, "BLOCK_M": block_m, **block_v}
-        signature = {}
-        for name in inspect.signature(kernel.fn).parameters:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name in SCALARS:
-                signature[name] = SCALARS[name]
-            elif name.startswith("s") and name[1:3] in ("rs", "pv", "vn", "s0") and "_" in name:
-                signature[name] = "i32"  # strides
-            else:
-                signature[name] = POINTERS.get(name, "*fp32")
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        print(kernel.fn.__name__, topk, "compiled")
+TYPES = {"rows": "i32", "m": "i32", "d": "i32", "span": "fp32", "decay": "fp32", "budget": "fp32",
+         "threshold": "fp32", "index_rows": "*i64", "wrote_rows": "*i8", "closes": "*u8", "writes": "*i32"}
+PM, EM = {"TOPK": 0, "HIDDEN": 16, "BLOCK_M": 8}, {"TOPK": 4, "HIDDEN": 16, "BLOCK_M": 256}
+CASES = [(forward_kernel, {**PM, "BLOCK_V": 1024}), (forward_kernel, {**EM, "BLOCK_V": 1024}),
+         (backward_kernel, PM), (backward_kernel, EM),
+         (write_kernel, {**PM, "HAS_CLOSES": True, "HAS_SUMS": True, "SCORES_GIVEN": False, "BLOCK_D": 1024,
+                         "BLOCK_V": 1024}),
+         (write_kernel, {**EM, "HAS_CLOSES": True, "HAS_SUMS": True, "SCORES_GIVEN": True, "BLOCK_D": 64,
+                         "BLOCK_V": 1024}),
+         (scores_kernel, {"HAS_CLOSES": True, "HAS_SUMS": True, "BLOCK_S": 16, "BLOCK_D": 1024})]
+for kernel, constants in CASES:
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif re.fullmatch("s[a-z0-9]+_[a-z]", name):
+            signature[name] = "i32"  # a stride
+        else:
+            signature[name] = TYPES.get(name, "*fp32")
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print(kernel.fn.__name__, constants.get("TOPK"), "compiled")
 """
 
 
-def test_the_loop_kernels_compile_for_a_hopper_gpu():
+def test_the_triton_kernels_compile_for_a_hopper_gpu():
     """The interpreter runs Triton code as Python, so it misses what only the compiler rejects (a
-    loop-carried variable that changes type, found this way). Compiled here for sm_90 without a
-    GPU, in a process without TRITON_INTERPRET."""
+    loop-carried variable that changes type, found this way). The loop and write kernels compiled
+    here for sm_90 without a GPU, in a process without TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 4, done.stdout
+    assert done.stdout.count("compiled") == 7, done.stdout
 
 
 def test_a_training_step_on_the_fused_write_loop_equals_the_torch_loop(monkeypatch):
