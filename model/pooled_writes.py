@@ -74,8 +74,8 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
 
 
 def torch_loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, item_values: torch.Tensor,
-               value_norms: torch.Tensor, strengths: torch.Tensor, row_step: Callable[..., RowResult] | None
-               ) -> LoopRows:
+                    value_norms: torch.Tensor, strengths: torch.Tensor, row_step: Callable[..., RowResult] | None
+                    ) -> LoopRows:
     """The loop in torch, a `row_step` (default `pooled_row`) a row: what `fused_loop_rows` does."""
     batch, m = strengths.shape
     index = torch.arange(m, device=strengths.device).expand(batch, m)  # the item each slot holds

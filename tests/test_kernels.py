@@ -272,6 +272,16 @@ def test_the_triton_kernels_compile_for_a_hopper_gpu():
     assert done.stdout.count("compiled") == 7, done.stdout
 
 
+def learning_step(lm: ReverieLM, tokens: torch.Tensor, state: FastState | None = None) -> list[torch.Tensor]:
+    """One learning forward and backward over tokens (b, T + 1): the logits, the returned state's
+    tensors (writes third) and every parameter's gradient (zeros where none), to compare two ways."""
+    lm.zero_grad()
+    logits, state = lm(tokens[:, :-1], state)
+    model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
+    return ([logits.detach(), *state.detach().tensors().values()]
+            + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+
+
 def test_a_training_step_on_the_fused_write_loop_equals_the_torch_loop(monkeypatch):
     """Whole ReverieLM `tiny`, float32, from no state: the fused loop (interpreted here) gives the
     torch loop's loss, gradients and state."""
@@ -284,11 +294,7 @@ def test_a_training_step_on_the_fused_write_loop_equals_the_torch_loop(monkeypat
     results = []
     for fused in (False, True):
         monkeypatch.setattr(model.pooled_writes, "fused_loop_supported", lambda values, fused=fused: fused)
-        lm.zero_grad()
-        logits, state = lm(tokens[:, :-1])
-        model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
-        results.append([logits.detach(), *state.detach().tensors().values()]
-                       + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+        results.append(learning_step(lm, tokens))
     assert int(results[0][2].min()) > 0  # writes happened
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -303,11 +309,7 @@ def test_a_training_step_on_pooled_writes_equals_the_reference_loop(monkeypatch)
     results = []
     for loop in (run_over_spans, run_over_spans_reference):
         monkeypatch.setattr(model.lm, "run_over_spans", loop)
-        lm.zero_grad()
-        logits, state = lm(tokens[:, :-1], FastState.empty(config, 2, dtype=torch.float64))  # empty, as training's
-        model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
-        results.append([logits.detach(), *state.detach().tensors().values()]
-                       + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+        results.append(learning_step(lm, tokens, FastState.empty(config, 2, dtype=torch.float64)))  # as training's
     assert int(results[0][2].min()) > 0  # writes happened
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
@@ -341,12 +343,8 @@ def test_a_training_step_with_compiled_writes_equals_the_eager_one():
     tokens = torch.randint(0, 256, (2, 3 * config.span + 1), generator=torch.Generator().manual_seed(3))
     results = []
     for compiled in (False, True):
-        lm.zero_grad()
         with memory.compiled_writes(compiled):
-            logits, state = lm(tokens[:, :-1])
-            model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()]  # compiled: zeros
-        results.append([logits, *state.tensors().values(), *grads])
+            results.append(learning_step(lm, tokens))
     assert int(results[0][2].min()) > 0  # writes happened (FastState.writes follows pos)
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5)
@@ -388,12 +386,8 @@ def test_compiled_span_loops_give_the_eager_loss_gradients_and_state():
     for given in (None, warm):
         results = []
         for loops in (False, True):
-            lm.zero_grad()
             with memory.compiled_writes(loops, backend="aot_eager", loops=loops):
-                logits, state = lm(tokens[:, :-1], given)
-                model.lm.bits_per_byte(logits, tokens[:, 1:]).backward()
-            results.append([logits.detach(), *state.detach().tensors().values()]
-                           + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lm.parameters()])
+                results.append(learning_step(lm, tokens, given))
         assert int(results[0][2].min()) > 0  # writes happened
         for got, want in zip(results[1], results[0], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
