@@ -178,10 +178,31 @@ def _distill_loss(student: Tensor, teacher: Tensor, targets: Tensor, temperature
     return (kl * knows).sum() / knows.sum().clamp(min=1.0) * t * t
 
 
-def anchor_penalty(model: nn.Module, anchor: Mapping[str, Tensor]) -> Tensor:
-    """Sum of squared distances of every parameter to its anchor value."""
-    terms = [(p - anchor[name]).pow(2).sum() for name, p in model.named_parameters() if name in anchor]
-    return torch.stack(terms).sum()
+class AnchorPull:
+    """The anchor term, sum of squared distances of every parameter to its anchor value, outside
+    autograd: its value for the metrics, and its gradient added straight to the parameters' own
+    (`add_gradient`). As an autograd term it ran ~3 small kernels per parameter forward and as many
+    backward (~200 parameters at `base`: ~1,200 launches a sleep step, H200 profile, session 13);
+    the multi-tensor ops here are a few launches in all.
+    """
+
+    def __init__(self, model: nn.Module, anchor: Mapping[str, Tensor]) -> None:
+        named = [(name, p) for name, p in model.named_parameters() if name in anchor]
+        self.parameters = [p for _, p in named]
+        with torch.no_grad():
+            self.distances = torch._foreach_sub(self.parameters, [anchor[name] for name, _ in named])
+
+    def value(self) -> Tensor:
+        return torch.stack(torch._foreach_norm(self.distances)).square().sum()
+
+    @torch.no_grad()
+    def add_gradient(self, weight: float) -> None:
+        """grad += weight * d(value)/dp = 2 * weight * (p - anchor). A parameter the loss did not
+        reach (grad None: the student's unused memories) has not moved, so its pull is zero."""
+        reached = [(p.grad, d) for p, d in zip(self.parameters, self.distances, strict=True) if p.grad is not None]
+        if reached:
+            grads, distances = zip(*reached)
+            torch._foreach_add_(list(grads), list(distances), alpha=2.0 * weight)
 
 
 # --- the sleep ----------------------------------------------------------------------------------
@@ -231,14 +252,17 @@ def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, re
     the error message. Returns the loss and its terms."""
     with autocast(torch.device(device), config.amp):
         parts = _step_losses(student, teacher, replay, rehearsal, config, rng, generator, device)
-    if anchor is not None:
-        parts["anchor"] = anchor_penalty(student, anchor)
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
               "rehearsal_distill": config.distill_weight,
               "earlier_bpb": config.earlier_weight * math.log(2),
-              "rehearsal_bpb": config.rehearsal_weight * math.log(2), "anchor": config.anchor_weight}
+              "rehearsal_bpb": config.rehearsal_weight * math.log(2)}
     loss = sum(scales[name] * value for name, value in parts.items())
-    clipped_step(loss, student, optimizer, config.grad_clip, "sleep loss", step, "lower SleepConfig.lr")
+    pull = None if anchor is None else AnchorPull(student, anchor)
+    if pull is not None:
+        parts["anchor"] = pull.value()
+        loss = loss + config.anchor_weight * parts["anchor"]
+    clipped_step(loss, student, optimizer, config.grad_clip, "sleep loss", step, "lower SleepConfig.lr",
+                 before_clip=None if pull is None else lambda: pull.add_gradient(config.anchor_weight))
     return loss, parts
 
 

@@ -148,7 +148,8 @@ class ReverieLM(nn.Module):
     def compile_layers(self, backend: str = "inductor") -> None:
         """torch.compile the pieces of every layer, in place: what a layer does before its memory
         (`Layer.mix`: norm, mixer, residual, PM's queries) and after it (`Layer.feed`), memory
-        reads, episodic queries and the working memory. The span loop stays Python (its writes
+        reads (a training chunk's too: `read_pool`, with the memory's output), episodic queries and
+        the working memory. The span loop stays Python (its writes
         have `model.memory.compiled_writes` and, on CUDA, `model.fused_loop`); layers of one shape
         share the compiled code. What it fuses is memory traffic: session 12's profile (H200) had
         ~25% of a step in eager elementwise glue between the compiled modules, so the glue is now
@@ -162,8 +163,10 @@ class ReverieLM(nn.Module):
                 layer.mix = torch.compile(layer.mix, backend=backend)
                 layer.feed = torch.compile(layer.feed, backend=backend)
                 layer.procedural.read = torch.compile(layer.procedural.read, backend=backend)
+                layer.procedural.read_pool = torch.compile(layer.procedural.read_pool, backend=backend)
             block.em_norm.compile(backend=backend)
             block.episodic.read = torch.compile(block.episodic.read, backend=backend)
+            block.episodic.read_pool = torch.compile(block.episodic.read_pool, backend=backend)
             block.episodic.queries = torch.compile(block.episodic.queries, backend=backend)
         self.working_memory.compile(backend=backend)
 

@@ -355,6 +355,29 @@ class SlotMemory(nn.Module):
         """Retrieved values (..., d) -> what the read adds to the stream."""
         raise NotImplementedError
 
+    def read_pool(self, query_grid: torch.Tensor, pool_keys: torch.Tensor, pool_values: torch.Tensor,
+                  index: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
+        """A training chunk's reads from a pool of items (model/pooled_writes.py): query_grid
+        (b, S, P, d); pool_keys, pool_values (b, n, d); index, strengths (b, S, m), the item each
+        slot holds as row s begins and its strength -> what the reads add to the stream (b, S, P, d).
+
+        The grid's rows are flattened into one product with the pool: a product broadcast over the
+        rows (pool[:, None]) would copy the pool once a row, forward and backward (EM at `base`:
+        451 MB). The pool is padded with empty items to a multiple of 8: with n = m + R odd (PM at
+        `base`: 39), cuBLAS ran these float32 products as unaligned sm80 kernels (`align1`; H200,
+        session 13: the step's batched products took ~10 ms of 110). Padded items are never
+        gathered, so they weigh nothing.
+        """
+        padding = -pool_keys.shape[1] % 8
+        pool_keys, pool_values = (F.pad(t, (0, 0, 0, padding)) for t in (pool_keys, pool_values))
+        rows, width = query_grid.shape[1:3]
+        index_rows = index[:, :, None, :].expand(-1, -1, width, -1)
+        pool_scores = (query_grid.flatten(1, 2) @ pool_keys.mT).unflatten(1, (rows, width))
+        sharpness, topk = self._read_rule([self])
+        weights = read_weights(pool_scores.gather(-1, index_rows), strengths, topk, sharpness)
+        pool_weights = torch.zeros_like(pool_scores).scatter(-1, index_rows, weights)
+        return self.output((pool_weights.flatten(1, 2) @ pool_values).unflatten(1, (rows, width)))
+
     def combine(self, scores: torch.Tensor, slots: Slots) -> torch.Tensor:
         """scores (b, t, m) of queries against the slot keys -> retrieved values (b, t, d)."""
         raise NotImplementedError
@@ -493,10 +516,11 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         from model.pooled_writes import run_pooled  # that module imports this one
 
         query_grid = queries[:, :, None] if query_grid is None else query_grid
-        chunk = (rule, slots, trace, query_grid, key_sums[:, :looped], value_sums[:, :looped], span)
+        chunk = (rule, slots, trace, query_grid.shape[1], key_sums[:, :looped], value_sums[:, :looped], span)
         run = _pooled_loop(*chunk) if _pooled_loop is not None else run_pooled(*chunk, row_step=_pooled_row)
         pending = None if close_last else Trace(key_sums[:, -1:], value_sums[:, -1:])
-        return SpanRun(plan.unfold(memory.output(run.retrieved)), run.slots, run.trace, writes + run.writes, pending)
+        reads = memory.read_pool(query_grid, run.pool_keys, run.pool_values, run.read_index, run.read_strengths)
+        return SpanRun(plan.unfold(reads), run.slots, run.trace, writes + run.writes, pending)
     slots, trace, writes, stacked = _write_rows(rule, slots, trace, writes, key_sums, value_sums, plan, span,
                                                 close_last)
     if close_last:

@@ -7,7 +7,7 @@ held when the chunk began or an item written from one row's trace. So the slots 
 pool of m + R items (the given slots, then each written row's key and value), and the loop runs
 on indexes and strengths (b, m): a row's scores are gathered from one product of every row's key
 with the pool, its prediction reads the k values its read weighs. The reads of all rows are then
-two products with the pool. On a CPU this halved the loop's bytes and, with fewer ops a row, took
+two products with the pool (`SlotMemory.read_pool`). On a CPU this halved the loop's bytes and, with fewer ops a row, took
 a quarter of the kernels out of a training step (bench/NOTES.md, session 11). Equal to the
 row-by-row loop (`write_slots` and reads of stacked slots) up to rounding; tests/test_kernels.py
 checks values and gradients against the reference.
@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from model.fused_loop import LoopRows, fused_loop_rows, fused_loop_supported
-from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule, read_weights, top_k_weights, write_strength
+from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule, top_k_weights, write_strength
 
 
 class PooledRun(NamedTuple):
-    retrieved: torch.Tensor  # (b, S, P, d): each row's queries read from the slots as that row began
+    pool_keys: torch.Tensor  # (b, m + R, d): the given slots' keys, then each written row's
+    pool_values: torch.Tensor  # (b, m + R, d)
+    read_index: torch.Tensor  # (b, S, m): the item each slot holds as row s begins, for S rows
+    read_strengths: torch.Tensor  # (b, S, m)
     slots: Slots  # after the written rows
     trace: Trace  # emptied: every written row ended its span
     writes: torch.Tensor  # (b,) writes made
@@ -38,17 +41,18 @@ class RowResult(NamedTuple):
     wrote: torch.Tensor  # (b,) bool
 
 
-def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Tensor, key_rows: torch.Tensor,
+def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, rows: int, key_rows: torch.Tensor,
                value_rows: torch.Tensor, span: int, row_step: Callable[..., RowResult] | None = None) -> PooledRun:
-    """Write rows that all end every user's span, and read every row of the grid.
+    """Write rows that all end every user's span; return what each of `rows` rows reads from.
 
     slots (b, m, d) of one memory (rule: its one instance); trace (b, d), the sums before row 0;
-    query_grid (b, S, P, d); key_rows, value_rows (b, R, d): the sums of the R <= S rows written,
-    the first R of the grid. Row s reads the slots after the writes of rows 0..s-1. row_step: what
-    runs each row, `pooled_row` unless given (`model.memory.compiled_writes` gives it compiled).
+    key_rows, value_rows (b, R, d): the sums of the R <= rows rows written. Row s reads the slots
+    after the writes of rows 0..s-1: `SlotMemory.read_pool` reads them from the pool, one product
+    for all rows (a separate piece, so `ReverieLM.compile_layers` fuses it with the memory's
+    output). row_step: what runs each row, `pooled_row` unless given (`model.memory.compiled_writes`
+    gives it compiled).
     """
     batch, m, d = slots.keys.shape
-    written, rows = key_rows.shape[1], query_grid.shape[1]
     item_keys = F.normalize(torch.cat([key_rows[:, :1] + trace.keys[:, None], key_rows[:, 1:]], dim=1), dim=-1)
     item_values = torch.cat([value_rows[:, :1] + trace.values[:, None], value_rows[:, 1:]], dim=1) / span
     pool_keys = torch.cat([slots.keys, item_keys], dim=1)  # (b, m + R, d)
@@ -59,17 +63,10 @@ def run_pooled(rule: WriteRule, slots: Slots, trace: Trace, query_grid: torch.Te
         loop = fused_loop_rows(rule, row_scores, pool_values, value_norms, slots.strengths)
     else:
         loop = torch_loop_rows(rule, row_scores, pool_values, item_values, value_norms, slots.strengths, row_step)
-    # The grid's rows flattened into one product with the pool: a product broadcast over the rows
-    # (pool[:, None]) would copy the pool once a row, forward and backward (EM at `base`: 451 MB).
-    index_rows = loop.index[:, :rows, None, :].expand(-1, -1, query_grid.shape[2], -1)
-    pool_scores = (query_grid.flatten(1, 2) @ pool_keys.mT).unflatten(1, query_grid.shape[1:3])
-    scores = pool_scores.gather(-1, index_rows)  # (b, S, P, m)
-    weights = read_weights(scores, loop.strengths[:, :rows], rule.topk, rule.sharpness)
-    pool_weights = torch.zeros_like(pool_scores).scatter(-1, index_rows, weights)
-    retrieved = (pool_weights.flatten(1, 2) @ pool_values).unflatten(1, query_grid.shape[1:3])
     final = loop.index[:, -1, :, None].expand(-1, -1, d)
     emptied = Trace(torch.zeros_like(trace.keys), torch.zeros_like(trace.values))
-    return PooledRun(retrieved, Slots(pool_keys.gather(1, final), pool_values.gather(1, final), loop.strengths[:, -1]),
+    return PooledRun(pool_keys, pool_values, loop.index[:, :rows], loop.strengths[:, :rows],
+                     Slots(pool_keys.gather(1, final), pool_values.gather(1, final), loop.strengths[:, -1]),
                      emptied, loop.wrote.sum(dim=1))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,14 +76,17 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 what: str, step: int, advice: str) -> None:
+                 what: str, step: int, advice: str, before_clip: Callable[[], None] | None = None) -> None:
     """Backward and one optimizer step with gradients clipped to `grad_clip`, after checking the
     loss is finite: a NaN would otherwise be written into every weight. The error names `what`
-    the loss is, the step, and `advice`."""
+    the loss is, the step, and `advice`. before_clip: adds gradients that autograd did not (the
+    sleep's anchor pull)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{what} became {loss.item()} at step {step}; {advice}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if before_clip is not None:
+        before_clip()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
 

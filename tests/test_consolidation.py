@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import preset
-from model.consolidation import (METHODS, Replay, SleepConfig, add_delta, cpu_weights, dense_delta, model_from,
+from model.consolidation import (METHODS, AnchorPull, Replay, SleepConfig, add_delta, cpu_weights, dense_delta, model_from,
                                  personal_delta, sleep)
 from model.corpus import embedded_corpus
 from model.evaluation import Fact, GateConfig, gate_failures, recalled
@@ -142,6 +142,28 @@ def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
     assert set(parts) == {"replay_bpb", "earlier_bpb", "rehearsal_bpb", "distill"}
     with pytest.raises(ValueError, match="support_fraction"):
         SleepConfig(support_fraction=0.0)
+
+
+def test_the_anchor_pull_adds_the_gradient_of_the_squared_distance_to_the_anchor():
+    """`AnchorPull` outside autograd: its value and the gradient it adds equal autograd's of
+    sum ||p - anchor||^2, and a parameter the loss never reached (grad None) keeps no gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    anchor = {name: p.detach() + 0.1 * torch.randn_like(p) for name, p in model.named_parameters()}
+    weight = 0.3
+    loss = model(torch.randn(5, 3))[:, 0].sum()
+    penalty = sum((p - anchor[name]).pow(2).sum() for name, p in model.named_parameters())
+    expected = torch.autograd.grad(loss + weight * penalty, list(model.parameters()), retain_graph=True)
+    pull = AnchorPull(model, anchor)
+    torch.testing.assert_close(pull.value(), penalty.detach())
+    loss.backward()
+    model[1].bias.grad = None  # as if forward had not used it
+    pull.add_gradient(weight)
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+        if name == "1.bias":
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, want)
 
 
 def test_bitdelta_personal_delta_round_trips_through_dense(slept, taught):

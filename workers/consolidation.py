@@ -141,9 +141,9 @@ def _shared_train_loop(loop_config: dict) -> None:
     earlier: list[bytes] = ray.get(loop_config["earlier"])
     torch.manual_seed(sleep_config.seed)
     model = model_from(config, start)
-    # static_graph, not find_unused_parameters: the anchor penalty reads every parameter outside forward,
-    # including those forward leaves unused (learn=False), which DDP then marks "ready twice". The graph is
-    # the same every step, which is what static_graph needs.
+    # static_graph, not find_unused_parameters: forward leaves the memories' parameters unused (learn=False),
+    # and the graph is the same every step, which is what static_graph needs (the anchor's pull is added to
+    # the gradients after backward: model.consolidation.AnchorPull).
     student = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"static_graph": True})
     teacher = model_from(loop_config["teacher_config"], teacher_weights) if sleep_config.distill else None
     shard = texts[rank::world] or texts
