@@ -20,13 +20,12 @@ Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a s
 
     python bench/gpu_suite.py --smoke --out /tmp/gpu.json   # tiny sizes on CPU (tests run this)
 
-On the device, one call (~9 minutes), carrying `.whl` with accelerated_scan-0.3.1 (the fused
-Triton scan; `pip download --no-deps accelerated-scan==0.3.1 -d .whl`):
+On the device, one call (~9 minutes), with the image's torch and Triton (the scan and memory
+kernels are Triton: model/scan_kernel.py, model/loop_kernel.py, model/write_kernel.py):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site; PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py
+    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py
 
-then copy $OUT/gpu.json to bench/results/gpu.json. Without the wheel the scan falls back to the
+then copy $OUT/gpu.json to bench/results/gpu.json. Without Triton the scan falls back to the
 log-depth torch scan (recorded as scan_backend).
 """
 
@@ -253,7 +252,7 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
 
 def scan_backend(device: torch.device) -> str:
     from model import scan
-    return "accelerated-scan (Triton)" if device.type == "cuda" and scan._triton_forward is not None else "log-depth torch"
+    return "Triton (model/scan_kernel.py)" if device.type == "cuda" and scan._triton_installed() else "log-depth torch"
 
 
 def autocast(device: torch.device):
