@@ -20,8 +20,8 @@ from model.config import ModelConfig
 from model.fast_state import FastState
 from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
 from model.fused_write import fused_write_supported, write_slots_in_place
-from model.memory import (Closes, EpisodicMemory, ProceduralMemory, Slots, SpanPlan, SpanRun, Trace,
-                          close_spans, run_over_spans)
+from model.memory import (Closes, EpisodicMemory, Fold, ProceduralMemory, Slots, SpanPlan, SpanRun, Trace,
+                          close_spans, run_over_spans, span_sums)
 
 
 # FastState tensors with one row per layer (dim 1), and with one row per block.
@@ -56,27 +56,28 @@ class Layer(nn.Module):
         """The plan's last row (its trace sums and span ends) is left to `ReverieLM._close_last_spans`.
         last: (b,) each user's last position in a right-padded batch (None: all T - 1).
         skip_memory: PM is neither read nor written (learn off over empty memory: its reads are zero)."""
-        x, carry, queries, values = self.mix(x, state.carry, last, not skip_memory)
+        x, carry, queries, values, sums = self.mix(x, state.carry, last, not skip_memory, _row_fold(plan, learn))
         if skip_memory:
             return self.feed(x, None), LayerState(carry, state.slots, state.trace, state.writes)
         with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
             run = run_over_spans(self.procedural, queries, values, state.slots, state.trace, plan, self.span, learn,
-                                 close_last=False)
+                                 close_last=False, sums=sums)
         return self.feed(x, run.reads), LayerState(carry, run.slots, run.trace, state.writes + run.writes, run.pending)
 
-    def mix(self, x: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None, memory: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x + scan(norm(x)), the new carry, and PM's queries and values (float32 or wider; None
-        without memory): all the layer does before its memory, one piece for
-        `ReverieLM.compile_layers` to fuse."""
+    def mix(self, x: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None, memory: bool = True,
+            fold: Fold | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, Trace | None]:
+        """x + scan(norm(x)), the new carry, PM's queries and values (float32 or wider; None without
+        memory) and, given a fold, their sums over each row of spans (`span_sums`): all the layer
+        does before its memory, one piece for `ReverieLM.compile_layers` to fuse."""
         u = self.mix_norm(x)
         y, carry = self.mixer(u, carry, last)
         if not memory:
-            return x + y, carry, None, None
+            return x + y, carry, None, None, None
         with torch.autocast(device_type=x.device.type, enabled=False):  # memory math in float32
             wide = float32_or_wider(u)
             queries, values = F.normalize(u.to(wide), dim=-1), y.to(wide)
-        return x + y, carry, queries, values
+        return x + y, carry, queries, values, span_sums(queries, values, fold)
 
     def feed(self, x: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
         """x + PM's reads, then the feed-forward's residual: all the layer does after its memory."""
@@ -99,13 +100,21 @@ class Block(nn.Module):
                ) -> tuple[torch.Tensor, SpanRun]:
         """Episodic read/write at the block's output: x (b, T, d) -> x + EM(x) and what the memory did.
         As in `Layer.forward`, the last row is left to the model."""
+        queries, values, sums = self.memory_inputs(x, _row_fold(plan, learn))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            run = run_over_spans(self.episodic, queries, values, slots, trace, plan, self.span, learn,
+                                 close_last=False, sums=sums)
+        return x + run.reads.to(x.dtype), run
+
+    def memory_inputs(self, x: torch.Tensor, fold: Fold | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, Trace | None]:
+        """EM's queries and values (the normed block output), float32 or wider, and given a fold
+        their sums over each row of spans: one piece for `ReverieLM.compile_layers` to fuse."""
         u = self.em_norm(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            wide = float32_or_wider(u)
-            queries = self.episodic.queries(u.to(wide))
-            run = run_over_spans(self.episodic, queries, u.to(wide), slots, trace, plan, self.span, learn,
-                                 close_last=False)
-        return x + run.reads.to(x.dtype), run
+            values = u.to(float32_or_wider(u))
+            queries = self.episodic.queries(values)
+        return queries, values, span_sums(queries, values, fold)
 
 
 class ReverieLM(nn.Module):
@@ -148,8 +157,8 @@ class ReverieLM(nn.Module):
     def compile_layers(self, backend: str = "inductor") -> None:
         """torch.compile the pieces of every layer, in place: what a layer does before its memory
         (`Layer.mix`: norm, mixer, residual, PM's queries) and after it (`Layer.feed`), memory
-        reads (a training chunk's too: `read_pool`, with the memory's output), episodic queries and
-        the working memory. The span loop stays Python (its writes
+        reads (a training chunk's too: `read_pool`, with the memory's output), EM's queries and
+        values (`Block.memory_inputs`) and the working memory. The span loop stays Python (its writes
         have `model.memory.compiled_writes` and, on CUDA, `model.fused_loop`); layers of one shape
         share the compiled code. What it fuses is memory traffic: session 12's profile (H200) had
         ~25% of a step in eager elementwise glue between the compiled modules, so the glue is now
@@ -164,10 +173,9 @@ class ReverieLM(nn.Module):
                 layer.feed = torch.compile(layer.feed, backend=backend)
                 layer.procedural.read = torch.compile(layer.procedural.read, backend=backend)
                 layer.procedural.read_pool = torch.compile(layer.procedural.read_pool, backend=backend)
-            block.em_norm.compile(backend=backend)
+            block.memory_inputs = torch.compile(block.memory_inputs, backend=backend)
             block.episodic.read = torch.compile(block.episodic.read, backend=backend)
             block.episodic.read_pool = torch.compile(block.episodic.read_pool, backend=backend)
-            block.episodic.queries = torch.compile(block.episodic.queries, backend=backend)
         self.working_memory.compile(backend=backend)
 
     def autocast_matrices(self) -> dict[str, nn.Parameter]:
@@ -357,6 +365,12 @@ class ReverieLM(nn.Module):
         `forward`; bytes as uint8 skip the range check, which reads them back from the device)."""
         logits, state = self.forward(byte[:, None], state, learn=learn, donate_state=donate_state, positions=positions)
         return logits[:, 0], state
+
+
+def _row_fold(plan: SpanPlan, learn: bool) -> Fold | None:
+    """The fold for `span_sums` when the memories will write from row sums (learning over more
+    than a byte a user) and every user folds alike; else None."""
+    return plan.uniform_fold() if learn and plan.width > 1 else None
 
 
 def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

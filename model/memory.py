@@ -61,6 +61,33 @@ def span_segments(phase: int, length: int, span: int) -> list[Segment]:
 Closes = bool | torch.Tensor  # everyone's span ends (True), nobody's (False), or a (b,) bool mask
 
 
+class Fold(NamedTuple):
+    """A fold of (b, T, d) into rows of spans that is the same for every user: pad `lead` zeros
+    before and `tail` after, then reshape to (b, rows, width, d)."""
+
+    lead: int
+    tail: int
+    rows: int
+    width: int
+
+
+def fold_uniformly(x: torch.Tensor, fold: Fold) -> torch.Tensor:
+    if fold.lead or fold.tail:
+        x = F.pad(x, (0, 0, fold.lead, fold.tail))
+    return x.unflatten(1, (fold.rows, fold.width))
+
+
+def span_sums(queries: torch.Tensor, values: torch.Tensor, fold: Fold | None) -> Trace | None:
+    """Each row's sums of queries and values, (b, S, d) each, for `run_over_spans`; None without a
+    uniform fold. Computed inside the compiled piece that makes the queries (`Layer.mix`,
+    `Block.memory_inputs`): the sums' backward then joins the queries' other gradient in that
+    piece's backward kernels, where eagerly it was an expand and an add of (b, T, d) float32 per
+    memory, and the forward sums two more passes (H200, session 13)."""
+    if fold is None:
+        return None
+    return Trace(fold_uniformly(queries, fold).sum(2), fold_uniformly(values, fold).sum(2))
+
+
 @dataclass(frozen=True)
 class SpanPlan:
     """Where each user's spans end in one call of `length` bytes, laid out as S rows of P columns.
@@ -123,13 +150,16 @@ class SpanPlan:
     def fold(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, T, d) -> (b, S, P, d), zeros in the padding."""
         if self._fold_index is None:
-            lead = self.leads[0]
-            tail = self.rows * self.width - lead - self.length
-            if lead or tail:
-                x = F.pad(x, (0, 0, lead, tail))
-        else:
-            x = F.pad(x, (0, 0, 0, 1)).flatten(0, 1).index_select(0, self._fold_index).unflatten(0, (x.shape[0], -1))
+            return fold_uniformly(x, self.uniform_fold())
+        x = F.pad(x, (0, 0, 0, 1)).flatten(0, 1).index_select(0, self._fold_index).unflatten(0, (x.shape[0], -1))
         return x.unflatten(1, (self.rows, self.width))
+
+    def uniform_fold(self) -> Fold | None:
+        """The fold as plain numbers when every user folds alike (a reshape, maybe padded), else
+        None: what a compiled piece needs to fold and sum inside itself (`span_sums`)."""
+        if self._fold_index is not None:
+            return None
+        return Fold(self.leads[0], self.rows * self.width - self.leads[0] - self.length, self.rows, self.width)
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """(b, S, P, d) -> (b, T, d), padding dropped (a user's positions past its length: any value)."""
@@ -204,9 +234,28 @@ def top_k_weights(scores: torch.Tensor, used: torch.Tensor, topk: int, sharpness
     (strengths > 0) -> the slots read (..., t, k) and their weights (..., t, k), 0 for empty slots."""
     used = used[..., None, :].expand_as(scores)
     # A finite floor, not -inf: softmax over all-empty rows must keep finite gradients.
-    top_scores, top_index = scores.masked_fill(~used, -1e4).topk(topk, dim=-1)
+    floored = scores.masked_fill(~used, -1e4)
+    top_scores, top_index = _top_k_by_max(floored, topk) if torch.compiler.is_compiling() else floored.topk(topk, -1)
     weights = torch.softmax(top_scores * sharpness, dim=-1)
     return top_index, weights * used.gather(-1, top_index)  # empty slots contribute nothing
+
+
+def _top_k_by_max(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, -1)` as k rounds of max, for torch.compile: each round is one pass over the
+    scores that inductor fuses with the masking of the round before, where topk is a sort-based
+    kernel (H200, session 13: EM's top 4 of 288 items took 2.2 ms of a `base` training step).
+    Eagerly topk is one kernel against 2k, so it stays. Ties may come in another order; only
+    floored (empty) slots tie, and they weigh nothing. The taken item is masked by a scatter: as
+    `torch.where(arange == index, ...)` inductor miscompiled `pooled_row` on a CPU (torch 2.13,
+    static shapes: a row's written item came out as the slot's own index; test_kernels' compiled
+    writes test caught it)."""
+    values, indexes = [], []
+    for _ in range(k):
+        value, index = scores.max(dim=-1, keepdim=True)
+        values.append(value)
+        indexes.append(index)
+        scores = scores.scatter(-1, index, float("-inf"))
+    return torch.cat(values, dim=-1), torch.cat(indexes, dim=-1)
 
 
 def read_weights(scores: torch.Tensor, strengths: torch.Tensor, topk: int, sharpness: torch.Tensor | None
@@ -485,12 +534,14 @@ class SpanRun(NamedTuple):
 
 
 def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                   trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True) -> SpanRun:
+                   trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True,
+                   sums: Trace | None = None) -> SpanRun:
     """Read `memory` at every position and write it at span ends.
 
     queries: (b, T, d) unit vectors, used both to read and as write keys; values: (b, T, d).
     close_last=False leaves the last row to the caller: its sums come back as `pending`, and its
-    span ends are not written. Nothing in this call reads after them, so a model can add all its
+    span ends are not written. sums: each row's sums of queries and values (`span_sums`), when the
+    caller made them; else they are summed here. Nothing in this call reads after them, so a model can add all its
     memories' pending sums and write them in one batch (`ReverieLM._close_last_spans`).
 
     Reads inside a row of the plan see only the slots as they were at the row's start, so the
@@ -507,7 +558,7 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
         query_grid, key_sums, value_sums = None, queries, values
     else:
         query_grid = plan.fold(queries)  # (b, S, P, d)
-        key_sums, value_sums = query_grid.sum(2), plan.fold(values).sum(2)  # (b, S, d) per row
+        key_sums, value_sums = sums if sums is not None else (query_grid.sum(2), plan.fold(values).sum(2))
     writes_rows = plan.rows > 1 or close_last  # else (decoding) the loop below writes nothing
     rule = memory.stacked_rule([memory]) if writes_rows else None  # once: its stacks are ops too
     looped = plan.rows if close_last else plan.rows - 1  # rows written here
@@ -595,9 +646,11 @@ def close_spans(memory: SlotMemory | WriteRule, slots: Slots, trace: Trace, writ
 
 
 def run_over_spans_reference(memory: SlotMemory, queries: torch.Tensor, values: torch.Tensor, slots: Slots,
-                             trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True) -> SpanRun:
+                             trace: Trace, plan: SpanPlan, span: int, learn: bool, close_last: bool = True,
+                             sums: Trace | None = None) -> SpanRun:
     """The readable loop `run_over_spans` must equal: one user at a time, read a segment, then
-    write if it closes a span. Same arguments and results as `run_over_spans`."""
+    write if it closes a span. Same arguments and results as `run_over_spans` (it sums its own
+    traces, so `sums` goes unread: a model run on it checks the sums it was given)."""
     results = []
     for user in range(queries.shape[0]):
         row = slice(user, user + 1)

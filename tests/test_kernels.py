@@ -422,6 +422,31 @@ def test_one_query_attention_spelled_out_equals_torch_attention():
                                attend_one(query, keys, values, within, spelled_out=False), rtol=1e-12, atol=1e-12)
 
 
+def test_em_read_weights_compiled_equal_the_eager_top_k():
+    """Compiled, EM's read weights take the top k by rounds of max (`_top_k_by_max`); eagerly by
+    torch's topk. Same weights and gradients, with some users' slots partly empty."""
+    from model.memory import top_k_weights
+
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(3, 5, 9, generator=g, dtype=torch.float64)
+    used = torch.rand(3, 9, generator=g) < 0.6
+    used[0] = False  # one user with an empty memory
+    sharpness = torch.tensor(10.0, dtype=torch.float64)
+
+    def dense_weights(scores: torch.Tensor) -> torch.Tensor:
+        index, weights = top_k_weights(scores, used, 4, sharpness)
+        return torch.zeros_like(scores).scatter(-1, index, weights)
+
+    results = []
+    for weigh in (dense_weights, torch.compile(dense_weights, backend="aot_eager", fullgraph=True)):
+        given = scores.clone().requires_grad_()
+        weights = weigh(given)
+        (weights * torch.linspace(-1, 1, weights.numel(), dtype=torch.float64).view_as(weights)).sum().backward()
+        results.append((weights.detach(), given.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_forward_without_writes_shares_the_memory_tensors_of_the_given_state():
     torch.manual_seed(0)
     lm = ReverieLM(preset("tiny")).eval()
