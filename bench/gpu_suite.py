@@ -884,7 +884,7 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
         path = Path(tmp) / f"{name}.json"
         command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
                    "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS),
-                   "--train-batch", str(sizes.train_batch)]
+                   "--train-batch", str(sizes.train_batch), "--decode-batches", ",".join(map(str, sizes.decode_batches))]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()
@@ -1008,6 +1008,9 @@ def main() -> None:
                         help="comma-separated training variants to run (default: all), e.g. gpt-compile,reverie-graph-compiled")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="training rows per step for every variant (default: Sizes.train_batch, 16 as calibrated)")
+    parser.add_argument("--decode-batches", default=None,
+                        help="comma-separated decoding batches (default: Sizes.decode_batches, 1,16,64,256); "
+                             "the two largest also run compiled")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time budget (repeatable); the total budget grows to match")
     parser.add_argument("--section", help=argparse.SUPPRESS)
@@ -1024,6 +1027,11 @@ def main() -> None:
                                     total_budget=sizes.total_budget + max(0, extra))
     if args.train_batch:
         sizes = dataclasses.replace(sizes, train_batch=args.train_batch)
+    if args.decode_batches:
+        batches = args.decode_batches.split(",")
+        if not all(b.isdigit() and int(b) > 0 for b in batches):
+            parser.error(f"--decode-batches takes positive integers separated by commas, got {args.decode_batches!r}")
+        sizes = dataclasses.replace(sizes, decode_batches=tuple(map(int, batches)))
     TRAIN_VARIANTS.extend(filter(None, args.train_variants.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.section:  # child: one section
