@@ -884,7 +884,8 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
         path = Path(tmp) / f"{name}.json"
         command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
                    "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS),
-                   "--train-batch", str(sizes.train_batch), "--decode-batches", ",".join(map(str, sizes.decode_batches))]
+                   "--train-batch", str(sizes.train_batch),
+                   "--decode-batches", ",".join(map(str, sizes.decode_batches))]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()

@@ -241,10 +241,11 @@ def top_k_weights(scores: torch.Tensor, used: torch.Tensor, topk: int, sharpness
 
 
 def _top_k_by_max(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.topk(k, -1)` as k rounds of max, for torch.compile: each round is one pass over the
-    scores that inductor fuses with the masking of the round before, where topk is a sort-based
-    kernel (H200, session 13: EM's top 4 of 288 items took 2.2 ms of a `base` training step).
-    Eagerly topk is one kernel against 2k, so it stays. Ties may come in another order; only
+    """`scores.topk(k, -1)` as k rounds of max, for torch.compile: a reduction a round, which
+    inductor generates, where topk runs a sort-based kernel (H200, session 13: EM's top 4 of 288
+    items took 2.2 ms of a `base` training step; with this the sort kernels left the profile and
+    the step went from 99.0 to 94.4 ms, with the span sums' change). Eagerly topk is one kernel
+    against 2k, so it stays. Ties may come in another order; only
     floored (empty) slots tie, and they weigh nothing. The taken item is masked by a scatter: as
     `torch.where(arange == index, ...)` inductor miscompiled `pooled_row` on a CPU (torch 2.13,
     static shapes: a row's written item came out as the slot's own index; test_kernels' compiled
@@ -414,8 +415,8 @@ class SlotMemory(nn.Module):
         rows (pool[:, None]) would copy the pool once a row, forward and backward (EM at `base`:
         451 MB). The pool is padded with empty items to a multiple of 8: with n = m + R odd (PM at
         `base`: 39), cuBLAS ran these float32 products as unaligned sm80 kernels (`align1`; H200,
-        session 13: the step's batched products took ~10 ms of 110). Padded items are never
-        gathered, so they weigh nothing.
+        session 13: the step's batched products took 10.2 ms of 110, padded 6.2 ms in sm90
+        kernels). Padded items are never gathered, so they weigh nothing.
         """
         padding = -pool_keys.shape[1] % 8
         pool_keys, pool_values = (F.pad(t, (0, 0, 0, padding)) for t in (pool_keys, pool_values))
@@ -540,9 +541,10 @@ def run_over_spans(memory: SlotMemory, queries: torch.Tensor, values: torch.Tens
 
     queries: (b, T, d) unit vectors, used both to read and as write keys; values: (b, T, d).
     close_last=False leaves the last row to the caller: its sums come back as `pending`, and its
-    span ends are not written. sums: each row's sums of queries and values (`span_sums`), when the
-    caller made them; else they are summed here. Nothing in this call reads after them, so a model can add all its
+    span ends are not written. Nothing in this call reads after them, so a model can add all its
     memories' pending sums and write them in one batch (`ReverieLM._close_last_spans`).
+    sums: each row's sums of queries and values (`span_sums`), when the caller made them; else
+    they are summed here.
 
     Reads inside a row of the plan see only the slots as they were at the row's start, so the
     loop below runs just the write recurrence, collecting those snapshots, and all reads are one

@@ -7,10 +7,10 @@ held when the chunk began or an item written from one row's trace. So the slots 
 pool of m + R items (the given slots, then each written row's key and value), and the loop runs
 on indexes and strengths (b, m): a row's scores are gathered from one product of every row's key
 with the pool, its prediction reads the k values its read weighs. The reads of all rows are then
-two products with the pool (`SlotMemory.read_pool`). On a CPU this halved the loop's bytes and, with fewer ops a row, took
-a quarter of the kernels out of a training step (bench/NOTES.md, session 11). Equal to the
-row-by-row loop (`write_slots` and reads of stacked slots) up to rounding; tests/test_kernels.py
-checks values and gradients against the reference.
+two products with the pool (`SlotMemory.read_pool`). On a CPU this halved the loop's bytes and,
+with fewer ops a row, took a quarter of the kernels out of a training step (bench/NOTES.md,
+session 11). Equal to the row-by-row loop (`write_slots` and reads of stacked slots) up to
+rounding; tests/test_kernels.py checks values and gradients against the reference.
 """
 
 from __future__ import annotations
