@@ -252,7 +252,7 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
 
 def scan_backend(device: torch.device) -> str:
     from model import scan
-    return "Triton (model/scan_kernel.py)" if device.type == "cuda" and scan._triton_installed() else "log-depth torch"
+    return "Triton (model/scan_kernel.py)" if device.type == "cuda" and scan.fused_scan_available() else "log-depth torch"
 
 
 def autocast(device: torch.device):

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from model.fused_write import next_power_of_2, triton_kernels
+from model.fused_write import next_power_of_2
+from model.kernels import triton_kernels
 from model.memory import WRITE_THRESHOLD, WriteRule
 
 

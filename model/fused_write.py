@@ -20,7 +20,6 @@ that is how the tests check it on machines without a GPU.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from model.kernels import triton_kernels
 from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,6 @@ _triton_write_op = torch.library.custom_op("reverie::write_slots_in_place", _tri
 def _(keys, values, strengths, trace_keys, trace_values, sum_keys, sum_values, closes, w1, b1, w2, b2, sharpness,
       topk, span, decay, budget):
     return keys.new_empty(keys.shape[0], dtype=torch.int64)
-
-
-@functools.cache
-def triton_kernels(module: str):
-    """A module of Triton kernels (model/write_kernel.py, model/loop_kernel.py), imported on first
-    use, or None without Triton: Triton is optional, and slow to import."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:  # pragma: no cover - depends on the machine
-        return None
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.fused_write import triton_kernels
+from model.kernels import triton_kernels
 
 # Tiles for d=768, T=256..2048, batch 16..192 on an H100/H200. 32 float32 channels are one 128-byte
 # segment of a time row, so each row of a tile is one coalesced access, and at batch 16 the grid
@@ -51,13 +51,14 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
     if a.shape[1] == 1:  # one byte per user (decoding): h_0 = a_0 * h0 + b_0 is already done
         return b
-    if a.is_cuda and a.dtype == b.dtype == torch.float32 and _triton_installed():
+    if a.is_cuda and a.dtype == b.dtype == torch.float32 and fused_scan_available():
         return _opaque_triton_scan(a, b)
     return log_depth_scan(a, b)
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing: no graph break on the import
-def _triton_installed() -> bool:
+def fused_scan_available() -> bool:
+    """Whether float32 CUDA scans run the Triton kernels: Triton is installed."""
     return triton_kernels("model.scan_kernel") is not None
 
 
