@@ -93,7 +93,7 @@ class Sizes:
 
 SMOKE = Sizes(reverie="tiny", gpt={"n_layers": 2, "d_model": 64, "n_heads": 2, "max_len": 512}, train_batch=2,
               seq_len=64, train_warmup=1, train_steps=2, decode_batches=(1, 4), decode_context=64, decode_steps=3,
-              sleep_preset="tiny", sleep_steps=2, sleep_users_texts=8, sleep_bulk=(4, 64), pack_numel=1 << 16,
+              sleep_preset="tiny", sleep_steps=6, sleep_users_texts=8, sleep_bulk=(4, 64), pack_numel=1 << 16,
               copy_bytes=8 << 20, matmul_n=256,
               budgets={"bandwidth": 60, "checks": 90, "training": 90, "generation": 90, "sleep": 90, "bitdelta": 60},
               total_budget=400)
@@ -306,6 +306,66 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         grad = max(rel_err(f.grad, r.grad) for f, r in zip(fast_in, ref_in))
         return check(max(rel_err(fast, ref), grad), 1e-5, backend=scan_backend(device), grad_rel_err=grad)
 
+    def gated_scan() -> dict:
+        """model.scan.gated_scan (float32) against the float64 torch composition, forward and every
+        gradient; then its forward + backward time in bfloat16 at d=768 for a few tilings (the
+        model's default first), and the torch composition's eagerly for scale."""
+        from model.scan import BLOCK_D, BLOCK_T, NUM_WARPS, gated_scan, gated_scan_reference
+
+        g = torch.Generator(device=device).manual_seed(3)
+
+        def inputs(batch: int, length: int, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
+            proj = torch.randn(batch, length, 3 * d, generator=g, device=device)
+            proj[..., :d] += 2.0
+            return [proj.to(dtype), 0.5 * torch.randn(d, generator=g, device=device),
+                    torch.randn(batch, d, generator=g, device=device),
+                    torch.randn(batch, length, d, generator=g, device=device).to(dtype),
+                    torch.randn(batch, d, generator=g, device=device)]
+
+        def run(scan, proj, bias, h0, d_out, d_last, **tiles) -> list[torch.Tensor]:
+            leaves = [t.detach().requires_grad_() for t in (proj, bias, h0)]
+            out, h_last = scan(*leaves, 1, **tiles)
+            return [out, h_last, *torch.autograd.grad((out * d_out).sum() + (h_last * d_last).sum(), leaves)]
+
+        proj, bias, h0, d_out, d_last = inputs(2, sizes.seq_len, 64, torch.float32)
+        got = run(gated_scan, proj, bias, h0, d_out, d_last)
+        want = run(gated_scan_reference, *(t.double().cpu() for t in (proj, bias, h0, d_out, d_last)))
+        err = max(rel_err(a, b) for a, b in zip(got, want))
+        timings = {}
+        if device.type == "cuda":
+            for batch, length in ((16, 2048), (128, 256)):
+                args = inputs(batch, length, 768, torch.bfloat16)
+                tilings = [(BLOCK_T, BLOCK_D, NUM_WARPS), (32, 32, 4), (64, 64, 4), (64, 32, 8), (128, 32, 8)]
+                for t, dd, w in tilings:
+                    timings[f"{batch}x{length} fused T{t} D{dd} w{w}"] = time_ms(
+                        lambda: run(gated_scan, *args, block_t=t, block_d=dd, num_warps=w), device)["ms"]
+                timings[f"{batch}x{length} torch eager"] = time_ms(lambda: run(gated_scan_reference, *args),
+                                                                   device)["ms"]
+        return check(err, 1e-5, fwd_bwd_ms=timings)
+
+    def sleep_graph() -> dict:
+        """A graphed night (SleepConfig.cuda_graph) against the same night run eagerly (same start,
+        seed and batches): the weights and loss terms they end with."""
+        from model.consolidation import Replay, SleepConfig, consolidate
+        from model.sleep_graph import WARMUP_STEPS
+
+        config = preset(sizes.sleep_preset)
+        texts = [f"user: remember that door {i} is blue. assistant: noted, door {i} is blue.".encode()
+                 for i in range(32)]
+        state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
+        rehearsal = bytes(random.Random(0).randrange(32, 127) for _ in range(20_000))
+        ends, metrics = {}, {}
+        for graph in (False, True):
+            torch.manual_seed(0)
+            student, teacher = ReverieLM(config), ReverieLM(config)
+            metrics[graph] = consolidate(student, teacher, [Replay(texts=texts, state=state)], rehearsal,
+                                         SleepConfig(steps=WARMUP_STEPS + 5, cuda_graph=graph), device=device)
+            ends[graph] = torch.cat([p.detach().flatten().float() for p in student.parameters()])
+        weights = rel_err(ends[True], ends[False])
+        terms = max(abs(metrics[True][k] - metrics[False][k]) / max(abs(metrics[False][k]), 1e-6)
+                    for k in metrics[False])
+        return check(max(weights, terms), 1e-3, weights_rel_err=weights, terms_rel_err=terms)
+
     def span_reads() -> dict:
         config = preset(sizes.reverie)
         errors = {}
@@ -513,10 +573,13 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     rec.item("step_vs_forward", step_vs_forward)
     if device.type == "cuda":
         rec.item("fused_loop", fused_loop)
+        rec.item("gated_scan", gated_scan)
         rec.item("graphed_decode", graphed_decode)
+        rec.item("sleep_graph", sleep_graph)
         rec.item("serving_decode_graphs", serving_decode_graphs)
     else:
-        rec.data["skipped"].append("graphed_decode, serving_decode_graphs (need CUDA)")
+        rec.data["skipped"].append("fused_loop, gated_scan, graphed_decode, sleep_graph, serving_decode_graphs "
+                                   "(need CUDA)")
     rec.item("kv_cache_gpt", kv_gpt)
     rec.item("bitdelta_packing", bitdelta_packing)
 
@@ -728,6 +791,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
 
 def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     from model.consolidation import METHODS, Replay, SleepConfig, consolidate
+    from model.sleep_graph import WARMUP_STEPS
 
     config = preset(sizes.sleep_preset)
     rng = random.Random(0)
@@ -740,54 +804,63 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     rehearsal = bytes(rng.randrange(32, 127) for _ in range(200_000))
 
     def run(sleep_config: SleepConfig, texts: list[bytes], steps: int) -> float:
-        """Seconds per optimizer step of `consolidate` (after a 2-step warm-up run)."""
+        """Seconds per optimizer step of `consolidate` in its steady state: between the ends of its
+        steps after the first WARMUP_STEPS + 1 (on_step reports each step once it has run; a graphed
+        night runs that many eagerly, then captures), after a 2-step run that compiles."""
         torch.manual_seed(0)
         student, teacher = ReverieLM(config), ReverieLM(config)
         state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
         replay = Replay(texts=texts, state=state)
+        ends: list[float] = []
         with autocast(device):
-            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=2),
-                        device=device)
-            synchronize(device)
-            started = time.perf_counter()
+            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=2,
+                                                                                   cuda_graph=False), device=device)
             consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=steps),
-                        device=device)
-            synchronize(device)
-        return (time.perf_counter() - started) / steps
+                        device=device, on_step=lambda step, loss: ends.append(time.perf_counter()))
+        timed = ends[WARMUP_STEPS + 1:]
+        return (timed[-1] - timed[0]) / (len(timed) - 1)
 
-    def per_user_night() -> dict:
-        """The nightly recipe as the workers run it: one user's night, SleepConfig() steps."""
-        recipe = SleepConfig()
+    def per_user_night(graph: bool = False) -> dict:
+        """The nightly recipe as the workers run it: one user's night, SleepConfig() steps.
+        graph: SleepConfig.cuda_graph."""
+        recipe = SleepConfig(cuda_graph=graph)
         texts = [interaction() for _ in range(sizes.sleep_users_texts)]
         step_s = run(recipe, texts, sizes.sleep_steps)
         night_s = step_s * recipe.steps
         return {"preset": sizes.sleep_preset, "recipe_steps": recipe.steps, "batch_size": recipe.batch_size,
-                "seq_len": recipe.seq_len, "step_ms": step_s * 1000, "user_night_s": night_s,
+                "seq_len": recipe.seq_len, "cuda_graph": graph, "step_ms": step_s * 1000, "user_night_s": night_s,
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
-    def shared_bulk(compile: bool = False, support_fraction: float = 1.0) -> dict:
+    def shared_bulk(compile: bool = False, support_fraction: float = 1.0, graph: bool = False) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
-        support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows)."""
+        support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows);
+        graph: SleepConfig.cuda_graph."""
         batch, seq_len = sizes.sleep_bulk
         texts = [interaction() for _ in range(4096)]
         bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
-                                   support_fraction=support_fraction)
+                                   support_fraction=support_fraction, cuda_graph=graph)
         step_s = run(bulk, texts, sizes.sleep_steps)
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,
-                "support_fraction": support_fraction,
+                "support_fraction": support_fraction, "compile": compile, "cuda_graph": graph,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
                 "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
 
+    cuda = device.type == "cuda"
     rec.item("per_user_night", per_user_night)
+    if cuda:
+        rec.item("per_user_night graphed", lambda: per_user_night(graph=True))
     rec.item("shared_bulk", shared_bulk)
+    if cuda:
+        rec.item("shared_bulk graphed", lambda: shared_bulk(graph=True))
+        rec.item("shared_bulk compiled graphed", lambda: shared_bulk(compile=True, graph=True), min_left_s=60)
     rec.item("shared_bulk lean", lambda: shared_bulk(support_fraction=METHODS["reverie_lean"].support_fraction))
-    if device.type == "cuda":
+    if cuda:
         rec.item("shared_bulk compiled", lambda: shared_bulk(compile=True), min_left_s=60)
 
 
@@ -945,7 +1018,7 @@ def summarize(results: dict) -> dict:
             entry["reverie_learn_on_vs_kv_gpt"] = by["learn=on"] / kv["bytes_per_s"]
         summary["generation"][f"{b} {mode}"] = entry
     sleep = results.get("sleep", {}).get("items", {})
-    summary["sleep"] = {k: v.get("interactions_per_s") for k, v in sleep.items() if ok(v)}
+    summary["sleep"] = {k: v["interactions_per_s"] for k, v in sleep.items() if ok(v) and "interactions_per_s" in v}
     if copy_tb_s:
         summary["bitdelta"] = {k: v["gb_s"] / (copy_tb_s * 1000) for k, v in
                                results.get("bitdelta", {}).get("items", {}).items() if ok(v) and "gb_s" in v}

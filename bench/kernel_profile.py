@@ -85,7 +85,7 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
     state) tonight's."""
     import random
 
-    from model.consolidation import Replay, SleepConfig, sleep_step as one_step
+    from model.consolidation import Replay, SleepConfig, TeacherState, sleep_step as one_step
 
     config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
     teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
@@ -97,10 +97,11 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
                     earlier=texts[:64])
     rehearsal = torch.randint(32, 127, (200_000,), dtype=torch.uint8)
     anchor = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
     lm.train()
-    return lambda: one_step(lm, teacher, replay, rehearsal, config, optimizer, anchor, rng, generator, device)
+    state = TeacherState.of(replay, config.batch_size, device)
+    return lambda: one_step(lm, teacher, replay, state, rehearsal, config, optimizer, anchor, rng, generator, device)
 
 
 class WrittenBytes(TorchDispatchMode):

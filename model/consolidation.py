@@ -25,6 +25,7 @@ Pure torch: no Ray, no Prefect, no I/O.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -40,9 +41,11 @@ from model.config import ModelConfig
 from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.training import autocast, clipped_step
+from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep
+from model.training import StepCheck, autocast, unsynced_step
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
+log = logging.getLogger(__name__)
 Weights = dict[str, Tensor]
 
 
@@ -81,6 +84,9 @@ class SleepConfig:
     personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
     amp: bool = True  # bf16 autocast on CUDA, as training; memory math stays float32 inside the model
     compile: bool = False  # torch.compile the student's and teacher's layers (ReverieLM.compile_layers)
+    # Replay each step as one CUDA graph after a few eager ones (model/sleep_graph.py). CUDA only, one
+    # replay, a student not wrapped by DDP; elsewhere the steps stay eager (a warning says why).
+    cuda_graph: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -207,11 +213,36 @@ class AnchorPull:
 
 # --- the sleep ----------------------------------------------------------------------------------
 
-def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, rehearsal: Tensor | None,
-                 config: SleepConfig, rng: random.Random, generator: torch.Generator, device: torch.device | str
-                 ) -> dict[str, Tensor]:
-    """One step's loss terms, each ingredient that is on (LM terms in bits per byte). The student
-    reads tonight's, earlier and rehearsal rows in one batch: one forward instead of three."""
+@dataclass(frozen=True)
+class TeacherState:
+    """A replay's FastState on the device as a step's replay rows, with its positions. Made once a
+    night: copying the state from the host and reading its positions (the forward's one sync with a
+    state) made every step wait for the GPU."""
+
+    state: FastState
+    positions: list[int]
+
+    @classmethod
+    def of(cls, replay: Replay, rows: int, device: torch.device | str) -> TeacherState | None:
+        if replay.state is None:
+            return None
+        state = replay.state.to(device).rows([0] * rows)
+        return cls(state, state.pos.tolist())
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """A step's rows on the host: each stream's crops as bytes (rows, T + 1), replay rows first,
+    and which rows are whose. Bytes, so the forward's range check needs no sync."""
+
+    data: Tensor
+    streams: dict[str, slice]
+
+
+def step_rows(replay: Replay, rehearsal: Tensor | None, config: SleepConfig, rng: random.Random,
+              generator: torch.Generator) -> StepRows:
+    """Tonight's, earlier and rehearsal crops of one step, in one batch: the student reads them in
+    one forward instead of three."""
     b, t = config.batch_size, config.seq_len
     support = max(1, round(b * config.support_fraction))
     batches = {"replay": replay_batch(replay.texts, b, t, rng)}
@@ -219,23 +250,39 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, 
         batches["earlier"] = replay_batch(replay.earlier, support, t, rng)
     if rehearsal is not None:
         batches["rehearsal"] = random_batch(rehearsal, support, t, generator)
-    inputs = torch.cat([x for x, _ in batches.values()]).to(device)  # (rows of all streams, T)
-    targets = torch.cat([y for _, y in batches.values()]).to(device)
+    streams, start = {}, 0
+    for stream, (x, _) in batches.items():
+        streams[stream] = slice(start, start + x.shape[0])
+        start += x.shape[0]
+    data = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches.values()]).to(torch.uint8)
+    return StepRows(data, streams)
+
+
+def on_device(rows: Tensor, device: torch.device | str) -> Tensor:
+    """rows on `device` without waiting: a copy from pageable host memory waits for the GPU's queue."""
+    if torch.device(device).type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
+
+
+def _step_losses(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, streams: Mapping[str, slice],
+                 teacher_state: TeacherState | None, config: SleepConfig) -> dict[str, Tensor]:
+    """One step's loss terms, each ingredient that is on (LM terms in bits per byte), over `chunk`,
+    a `StepRows.data` on the device."""
+    b = config.batch_size
+    inputs, targets = chunk[:, :-1], chunk[:, 1:].long()
     logits, _ = student(inputs, None, learn=False)
     parts: dict[str, Tensor] = {}
-    stream_rows, start = {}, 0
-    for stream, (x, _) in batches.items():
-        rows = stream_rows[stream] = slice(start, start + x.shape[0])
-        start = rows.stop
+    for stream, rows in streams.items():
         if stream != "replay" or config.replay:
             parts[f"{stream}_bpb"] = _lm_loss(logits[rows], targets[rows]) / math.log(2)
     if config.distill:
+        state, positions = (None, None) if teacher_state is None else (teacher_state.state, teacher_state.positions)
         with torch.no_grad():
-            state = None if replay.state is None else replay.state.to(device).rows([0] * b)
-            teacher_logits, _ = teacher(inputs[:b], state, learn=False)
+            teacher_logits, _ = teacher(inputs[:b], state, learn=False, positions=positions)
         parts["distill"] = _distill_loss(logits[:b], teacher_logits, targets[:b], config.temperature)
-        if config.distill_rehearsal and "rehearsal" in batches:
-            rows = stream_rows["rehearsal"]
+        if config.distill_rehearsal and "rehearsal" in streams:
+            rows = streams["rehearsal"]
             with torch.no_grad():
                 rehearsal_logits, _ = teacher(inputs[rows], None, learn=False)
             parts["rehearsal_distill"] = _distill_loss(logits[rows], rehearsal_logits, targets[rows],
@@ -243,15 +290,15 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, replay: Replay, 
     return parts
 
 
-def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, rehearsal: Tensor | None,
-               config: SleepConfig, optimizer: torch.optim.Optimizer, anchor: Mapping[str, Tensor] | None,
-               rng: random.Random, generator: torch.Generator, device: str | torch.device, step: int = 0
-               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One optimizer step of a night: the loss terms of `_step_losses` and the anchor, weighted,
-    then a clipped step. `consolidate` loops it; bench/kernel_profile.py profiles one. step: for
-    the error message. Returns the loss and its terms."""
-    with autocast(torch.device(device), config.amp):
-        parts = _step_losses(student, teacher, replay, rehearsal, config, rng, generator, device)
+def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, streams: Mapping[str, slice],
+             teacher_state: TeacherState | None, config: SleepConfig, optimizer: torch.optim.Optimizer,
+             anchor: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], StepCheck]:
+    """One optimizer step over `chunk` (a `StepRows.data` on the device): the loss terms and the
+    anchor, weighted, then a clipped step that does not wait for the GPU (`unsynced_step`;
+    `optimizer` fused). No host syncs, so model/sleep_graph.py can capture it. Returns the loss
+    terms and the step's check."""
+    with autocast(chunk.device, config.amp):
+        parts = _step_losses(student, teacher, chunk, streams, teacher_state, config)
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
               "rehearsal_distill": config.distill_weight,
               "earlier_bpb": config.earlier_weight * math.log(2),
@@ -261,9 +308,20 @@ def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, re
     if pull is not None:
         parts["anchor"] = pull.value()
         loss = loss + config.anchor_weight * parts["anchor"]
-    clipped_step(loss, student, optimizer, config.grad_clip, "sleep loss", step, "lower SleepConfig.lr",
-                 before_clip=None if pull is None else lambda: pull.add_gradient(config.anchor_weight))
-    return loss, parts
+    check = unsynced_step(loss, student, optimizer, config.grad_clip,
+                          before_clip=None if pull is None else lambda: pull.add_gradient(config.anchor_weight))
+    return parts, check
+
+
+def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, teacher_state: TeacherState | None,
+               rehearsal: Tensor | None, config: SleepConfig, optimizer: torch.optim.Optimizer,
+               anchor: Mapping[str, Tensor] | None, rng: random.Random, generator: torch.Generator,
+               device: str | torch.device) -> tuple[dict[str, Tensor], StepCheck]:
+    """One eager step of a night: `step_rows` on the host, `train_on` on the device.
+    bench/kernel_profile.py profiles one. teacher_state: `TeacherState.of` the replay."""
+    rows = step_rows(replay, rehearsal, config, rng, generator)
+    return train_on(student, teacher, on_device(rows.data, device), rows.streams, teacher_state, config, optimizer,
+                    anchor)
 
 
 def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence[Replay], rehearsal: bytes,
@@ -275,6 +333,8 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
         also the anchor. teacher: the weights that served these users (frozen), run with each
         replay's FastState; None only when config.distill is off.
     replays: one entry per user whose material this sleep learns. rehearsal: base-corpus bytes.
+    on_step(step, loss): called once that step's kernels have run, while the GPU runs the next one.
+    A step whose loss or gradient is not finite is not applied; FloatingPointError says which.
     """
     if config.distill and teacher is None:
         raise ValueError("config.distill needs a teacher model (the weights that served the day)")
@@ -295,20 +355,55 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     anchor = {n: p.detach().clone() for n, p in student.named_parameters()} if config.anchor else None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    totals: dict[str, list[float]] = {}
+    graphed = _can_graph(student, replays, config, device)
+    # fused: the only AdamW that skips a non-finite step on the device (`unsynced_step`); the learning
+    # rate a tensor, so that a captured step reads each step's.
+    lr = torch.tensor(config.lr, device=device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=True,
+                                  capturable=graphed)
+    teacher_states = [TeacherState.of(r, config.batch_size, device) if config.distill else None for r in replays]
+    graph = GraphedSleepStep(optimizer, device) if graphed else None
+    sums: dict[str, Tensor] = {}
     window = max(1, config.steps // 4)
+    behind: tuple[int, StepCheck] | None = None
     for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        loss, parts = sleep_step(student, teacher, replays[step % len(replays)], rehearsal_data, config, optimizer,
-                                 anchor, rng, generator, device, step)
+        lr.fill_(config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+        which = step % len(replays)
+        rows = step_rows(replays[which], rehearsal_data, config, rng, generator)
+
+        def train(chunk: Tensor, streams: dict[str, slice] = rows.streams, state=teacher_states[which]
+                  ) -> tuple[dict[str, Tensor], StepCheck]:
+            return train_on(student, teacher, chunk, streams, state, config, optimizer, anchor)
+        parts, check = graph(train, rows.data) if graph else train(on_device(rows.data, device))
         if step >= config.steps - window:
             for name, value in parts.items():
-                totals.setdefault(name, []).append(float(value.detach()))
-        if on_step is not None:
-            on_step(step, float(loss))
-    return {name: sum(values) / len(values) for name, values in totals.items()}
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+        if behind is not None:  # the step before: the host reads it while the GPU runs this one
+            _verified(*behind, on_step)
+        behind = (step, check)
+    if behind is not None:
+        _verified(*behind, on_step)
+    return {name: float(total) / window for name, total in sums.items()}
+
+
+def _can_graph(student: nn.Module, replays: Sequence[Replay], config: SleepConfig, device: str | torch.device) -> bool:
+    """Whether config.cuda_graph can be honoured; a warning says why not where it cannot."""
+    if not config.cuda_graph:
+        return False
+    why = ("the device is not CUDA" if torch.device(device).type != "cuda"
+           else "the student is wrapped (DDP)" if not isinstance(student, ReverieLM)
+           else f"{len(replays)} replays rotate (a graph holds one teacher state)" if len(replays) > 1
+           else f"{config.steps} steps leave none after the {WARMUP_STEPS} eager warm-up steps"
+           if config.steps <= WARMUP_STEPS else None)
+    if why:
+        log.warning("SleepConfig.cuda_graph: running the steps eagerly, since %s", why)
+    return why is None
+
+
+def _verified(step: int, check: StepCheck, on_step: Callable[[int, float], None] | None) -> None:
+    loss = check.verify("sleep loss", step, "lower SleepConfig.lr")
+    if on_step is not None:
+        on_step(step, loss)
 
 
 def model_from(config: ModelConfig, weights: Mapping[str, Tensor]) -> ReverieLM:

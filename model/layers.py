@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.scan import affine_scan
+from model.scan import affine_scan, fused_scan_available, opaque_gated_scan
 
 
 def float32_or_wider(x: torch.Tensor) -> torch.dtype:
@@ -41,9 +41,16 @@ class AffineScan(nn.Module):
 
     def forward(self, u: torch.Tensor, carry: torch.Tensor, last: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (b, T, d), carry: (b, d) -> y: (b, T, d), new carry (b, d), both in float32 or wider.
-        last: (b,) each user's last position when right-padded (None: T - 1 for all)."""
-        gate_pre, x, out_gate = self.in_proj(u).chunk(3, dim=-1)
+        """u: (b, T, d), carry: (b, d) -> y: (b, T, d) in the projections' dtype, new carry (b, d) in
+        float32 or wider. last: (b,) each user's last position when right-padded (None: T - 1 for
+        all). On CUDA, in float32 or lower, one Triton pass does the gates, scan and output gate
+        (`model.scan.gated_scan`); the torch path below is what it computes."""
+        proj = self.in_proj(u)
+        if (last is None and proj.shape[1] > 1 and proj.is_cuda and float32_or_wider(u) == torch.float32
+                and fused_scan_available()):
+            out, h_last = opaque_gated_scan(proj, self.gate_bias, carry, 1 if self.gate_form == "sigmoid" else -1)
+            return self.out_proj(out), h_last
+        gate_pre, x, out_gate = proj.chunk(3, dim=-1)
         wide = float32_or_wider(u)
         a = self.retention(gate_pre.to(wide))
         h = affine_scan(a, (1.0 - a) * x.to(wide), carry.to(wide))

@@ -100,6 +100,79 @@ class _TritonScan(torch.autograd.Function):
         return da, db, None, None
 
 
+def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int = BLOCK_T,
+               block_d: int = BLOCK_D, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixer's gates, scan and output gate as one Triton pass each way (`gated_scan_reference`
+    is what it computes). proj: (batch, T, 3d), the input projection (gate pre-activation, input,
+    output gate), any strides; bias: (d,) the gate's; h0: (batch, d); sign: +1 for a = sigmoid(z),
+    -1 for a = exp(-softplus(z)) = sigmoid(-z). -> out (batch, T, d) in proj's dtype, h_{T-1}
+    (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles are arguments
+    for the tests and bench/gpu_suite.py's sweep.
+
+    Why: unfused, the gates and the output gate are elementwise kernels around the scan that write
+    and read a, (1 - a) x and h in float32, ~32 bytes an element forward where this reads proj and
+    writes out (8 at bf16); the backward keeps h only at chunk starts and recomputes it.
+    """
+    return _GatedScan.apply(proj, bias, h0, sign, block_t, block_d, num_warps)
+
+
+def gated_scan_reference(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_scan` in torch: a = sigmoid(sign * (z + bias)), h = scan(a, (1 - a) x) from h0, out =
+    h * silu(o), with the gate and scan math in float32 (or wider)."""
+    z, x, o = proj.chunk(3, dim=-1)
+    wide = torch.promote_types(proj.dtype, torch.float32)
+    a = torch.sigmoid(sign * (z.to(wide) + bias))
+    h = affine_scan(a, (1.0 - a) * x.to(wide), h0.to(wide))
+    return h.to(proj.dtype) * F.silu(o), h[:, -1]
+
+
+@torch.compiler.disable  # opaque Triton kernels with their own backward: torch.compile runs them as they are
+def opaque_gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_scan(proj, bias, h0, sign)
+
+
+class _GatedScan(torch.autograd.Function):
+    """model/scan_kernel.py's gated kernels. Saves proj and the chunks' incoming h (1/BLOCK_T of h)."""
+
+    @staticmethod
+    def forward(ctx, proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int,
+                block_d: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, width = proj.shape
+        d = width // 3
+        if width != 3 * d or bias.shape != (d,) or h0.shape != (batch, d):
+            raise ValueError(f"gated_scan expects proj (batch, T, 3d), bias (d,) and h0 (batch, d); got proj "
+                             f"{tuple(proj.shape)}, bias {tuple(bias.shape)}, h0 {tuple(h0.shape)}")
+        out = torch.empty(batch, length, d, dtype=proj.dtype, device=proj.device)
+        h_last = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+        checkpoints = torch.empty(batch, -(-length // block_t), d, dtype=torch.float32, device=proj.device)
+        bias32, h0_32 = bias.float().contiguous(), h0.float().contiguous()
+        kernels = triton_kernels("model.scan_kernel")
+        kernels.gated_forward_kernel[(batch, -(-d // block_d))](
+            proj, bias32, h0_32, out, h_last, checkpoints, *proj.stride(), length, d,
+            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        ctx.save_for_backward(proj, bias32, checkpoints)
+        ctx.settings = sign, block_t, block_d, num_warps, bias.dtype, h0.dtype
+        return out, h_last
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor, d_last: torch.Tensor):
+        proj, bias32, checkpoints = ctx.saved_tensors
+        sign, block_t, block_d, num_warps, bias_dtype, h0_dtype = ctx.settings
+        batch, length, width = proj.shape
+        d = width // 3
+        d_proj = torch.empty(batch, length, width, dtype=proj.dtype, device=proj.device)
+        d_bias = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+        d_h0 = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+        kernels = triton_kernels("model.scan_kernel")
+        kernels.gated_backward_kernel[(batch, -(-d // block_d))](
+            proj, bias32, checkpoints, d_out, d_last.float().contiguous(), d_proj, d_bias, d_h0,
+            *proj.stride(), *d_out.stride(), length, d,
+            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        return d_proj, d_bias.sum(0).to(bias_dtype), d_h0.to(h0_dtype), None, None, None, None
+
+
 def log_depth_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hillis-Steele scan from a zero state. a, b: (batch, T, d) -> h: (batch, T, d).
 

@@ -91,6 +91,51 @@ def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.op
     optimizer.step()
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """Whether a step of `unsynced_step` was applied, still on the device: `verify` reads it, which
+    waits for that step's kernels only."""
+
+    skipped: torch.Tensor  # 0-dim bool
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+
+    def verify(self, what: str, step: int, advice: str) -> float:
+        """The step's loss; FloatingPointError naming `what`, the step and `advice` if it was skipped."""
+        if bool(self.skipped):
+            raise FloatingPointError(f"{what} at step {step} was {float(self.loss)} with gradient norm "
+                                     f"{float(self.grad_norm)}; the step was skipped, so no weight holds a NaN; "
+                                     f"{advice}")
+        return float(self.loss)
+
+
+def unsynced_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                  before_clip: Callable[[], None] | None = None) -> StepCheck:
+    """clipped_step without waiting for the GPU: where the loss or the gradients' norm is not finite,
+    the optimizer skips the update on the device, and the caller reads the returned check later
+    (`consolidate`: one step behind, so the host queues a step while the GPU runs the one before).
+    clipped_step's `isfinite(loss)` made the host wait for each step's forward before it could go on.
+
+    The skip is the flag GradScaler hands fused optimizers (`found_inf`), which only fused
+    optimizers take: `optimizer` must be built with fused=True.
+    """
+    if not all(group.get("fused") for group in optimizer.param_groups):
+        raise ValueError(f"unsynced_step needs a fused optimizer ({type(optimizer).__name__}(..., fused=True)): "
+                         f"only those skip a non-finite step on the device")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_clip is not None:
+        before_clip()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    skipped = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    optimizer.found_inf = skipped.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return StepCheck(skipped, loss.detach(), grad_norm)
+
+
 @torch.no_grad()
 def evaluate_bpb(model: ReverieLM, data: bytes, seq_len: int, batch_size: int = 8,
                  max_batches: int | None = 8, amp: bool = True) -> float:

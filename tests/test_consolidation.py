@@ -127,7 +127,7 @@ def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
     and every ingredient still reports its loss."""
     import random
 
-    from model.consolidation import _step_losses
+    from model.consolidation import _step_losses, step_rows
     from model.corpus import as_tensor
 
     lean = dataclasses.replace(METHODS["reverie_lean"], batch_size=8, seq_len=16)
@@ -136,12 +136,49 @@ def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
     read = []
     student.register_forward_pre_hook(lambda module, args: read.append(tuple(args[0].shape)))
     replay = Replay(texts=[fact.text() for fact in FACTS], earlier=[fact.text() for fact in OTHER_USER])
-    parts = _step_losses(student, teacher, replay, as_tensor(corpus.train[:5000]), lean, random.Random(0),
-                         torch.Generator().manual_seed(0), "cpu")
+    rows = step_rows(replay, as_tensor(corpus.train[:5000]), lean, random.Random(0), torch.Generator().manual_seed(0))
+    assert rows.streams == {"replay": slice(0, 8), "earlier": slice(8, 10), "rehearsal": slice(10, 12)}
+    parts = _step_losses(student, teacher, rows.data, rows.streams, None, lean)
     assert read == [(8 + 2 + 2, 16)]
     assert set(parts) == {"replay_bpb", "earlier_bpb", "rehearsal_bpb", "distill"}
     with pytest.raises(ValueError, match="support_fraction"):
         SleepConfig(support_fraction=0.0)
+
+
+def test_a_step_whose_loss_is_not_finite_is_skipped_and_named(taught, corpus):
+    """A NaN (here injected into the student's logits at step 3) writes nothing into the weights:
+    the optimizer skips that step on the device, and the sleep, which reads each step's check one
+    step late, raises naming it; steps before it still reached `on_step`."""
+    from model.consolidation import consolidate
+
+    model, state = taught
+    student, teacher = model_from(model.config, cpu_weights(model)), model_from(model.config, cpu_weights(model))
+    calls, reported = [], []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return (output[0] * float("nan"), output[1]) if len(calls) == 4 else output
+    student.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"sleep loss at step 3 was nan.*skipped.*lower SleepConfig.lr"):
+        consolidate(student, teacher, [Replay([f.text() for f in FACTS], state)], corpus.train[:5000],
+                    dataclasses.replace(TEST_SLEEP, steps=8, batch_size=2, seq_len=16),
+                    on_step=lambda step, loss: reported.append(step))
+    assert reported == [0, 1, 2]
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_a_graphed_night_off_cuda_runs_eagerly_and_says_why(taught, corpus, caplog):
+    """SleepConfig.cuda_graph is a request: where no graph can run (here a CPU) the night still runs,
+    eagerly, and the log says why."""
+    from model.consolidation import consolidate
+
+    model, state = taught
+    student, teacher = model_from(model.config, cpu_weights(model)), model_from(model.config, cpu_weights(model))
+    night = dataclasses.replace(TEST_SLEEP, steps=5, batch_size=2, seq_len=16, cuda_graph=True)
+    with caplog.at_level("WARNING", logger="model.consolidation"):
+        metrics = consolidate(student, teacher, [Replay([f.text() for f in FACTS], state)], corpus.train[:5000], night)
+    assert "running the steps eagerly, since the device is not CUDA" in caplog.text
+    assert set(metrics) >= {"replay_bpb", "distill", "anchor"}
 
 
 def test_the_anchor_pull_adds_the_gradient_of_the_squared_distance_to_the_anchor():
