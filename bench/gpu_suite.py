@@ -308,9 +308,12 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     def gated_scan() -> dict:
         """model.scan.gated_scan (float32) against the float64 torch composition, forward and every
-        gradient; then its forward + backward time in bfloat16 at d=768 for a few tilings (the
-        model's default first), and the torch composition's eagerly for scale."""
-        from model.scan import BLOCK_D, BLOCK_T, NUM_WARPS, gated_scan, gated_scan_reference
+        gradient; then each kernel's time alone, bfloat16 at d=768 (training's 16 x 2048 and the
+        sleep's 128 x 256), for a few tilings, the model's first, and the rate of the bytes each
+        must move (forward: proj in, out back, 8 B an element; backward: proj, d_out in, d_proj
+        back, 14 B), to hold against the copy bandwidth."""
+        from model.scan import (BLOCK_D, BLOCK_T, NUM_WARPS, gated_scan, gated_scan_backward, gated_scan_forward,
+                                gated_scan_reference)
 
         g = torch.Generator(device=device).manual_seed(3)
 
@@ -322,30 +325,34 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                     torch.randn(batch, length, d, generator=g, device=device).to(dtype),
                     torch.randn(batch, d, generator=g, device=device)]
 
-        def run(scan, proj, bias, h0, d_out, d_last, **tiles) -> list[torch.Tensor]:
+        def run(scan, proj, bias, h0, d_out, d_last) -> list[torch.Tensor]:
             leaves = [t.detach().requires_grad_() for t in (proj, bias, h0)]
-            out, h_last = scan(*leaves, 1, **tiles)
+            out, h_last = scan(*leaves, 1)
             return [out, h_last, *torch.autograd.grad((out * d_out).sum() + (h_last * d_last).sum(), leaves)]
 
         proj, bias, h0, d_out, d_last = inputs(2, sizes.seq_len, 64, torch.float32)
         got = run(gated_scan, proj, bias, h0, d_out, d_last)
         want = run(gated_scan_reference, *(t.double().cpu() for t in (proj, bias, h0, d_out, d_last)))
         err = max(rel_err(a, b) for a, b in zip(got, want))
-        timings = {}
-        if device.type == "cuda":
-            for batch, length in ((16, 2048), (128, 256)):
-                args = inputs(batch, length, 768, torch.bfloat16)
-                tilings = [(BLOCK_T, BLOCK_D, NUM_WARPS), (32, 32, 4), (64, 64, 4), (64, 32, 8), (128, 32, 8)]
-                for t, dd, w in tilings:
-                    timings[f"{batch}x{length} fused T{t} D{dd} w{w}"] = time_ms(
-                        lambda: run(gated_scan, *args, block_t=t, block_d=dd, num_warps=w), device)["ms"]
-                timings[f"{batch}x{length} torch eager"] = time_ms(lambda: run(gated_scan_reference, *args),
-                                                                   device)["ms"]
-        return check(err, 1e-5, fwd_bwd_ms=timings)
+        kernels = {}
+        for batch, length in ((16, 2048), (128, 256)):
+            proj, bias, h0, d_out, d_last = inputs(batch, length, 768, torch.bfloat16)
+            elements = batch * length * 768
+            for tiles in ((BLOCK_T, BLOCK_D, NUM_WARPS), (32, 32, 4), (64, 32, 8), (32, 64, 4), (128, 32, 8)):
+                _, _, checkpoints = gated_scan_forward(proj, bias, h0, 1, *tiles)
+                forward = time_ms(lambda: gated_scan_forward(proj, bias, h0, 1, *tiles), device, repeat=20)["ms"]
+                backward = time_ms(lambda: gated_scan_backward(proj, bias, checkpoints, d_out, d_last, 1, *tiles),
+                                   device, repeat=20)["ms"]
+                kernels[f"{batch}x{length} T{tiles[0]} D{tiles[1]} w{tiles[2]}"] = {
+                    "forward_ms": forward, "backward_ms": backward,
+                    "forward_tb_s": 8 * elements / forward / 1e9, "backward_tb_s": 14 * elements / backward / 1e9}
+        return check(err, 1e-5, kernel_ms=kernels)
 
     def sleep_graph() -> dict:
         """A graphed night (SleepConfig.cuda_graph) against the same night run eagerly (same start,
-        seed and batches): the weights and loss terms they end with."""
+        seed and batches), at a user's night (8 x 64 bytes a stream) and the bulk's shape: the
+        weights after the eager warm-up steps and two graphed ones (the capture's replay and one
+        more), against two eager nights' own spread (nondeterministic kernels)."""
         from model.consolidation import Replay, SleepConfig, consolidate
         from model.sleep_graph import WARMUP_STEPS
 
@@ -354,17 +361,22 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                  for i in range(32)]
         state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
         rehearsal = bytes(random.Random(0).randrange(32, 127) for _ in range(20_000))
-        ends, metrics = {}, {}
-        for graph in (False, True):
+
+        def night(sleep: SleepConfig) -> torch.Tensor:
             torch.manual_seed(0)
             student, teacher = ReverieLM(config), ReverieLM(config)
-            metrics[graph] = consolidate(student, teacher, [Replay(texts=texts, state=state)], rehearsal,
-                                         SleepConfig(steps=WARMUP_STEPS + 5, cuda_graph=graph), device=device)
-            ends[graph] = torch.cat([p.detach().flatten().float() for p in student.parameters()])
-        weights = rel_err(ends[True], ends[False])
-        terms = max(abs(metrics[True][k] - metrics[False][k]) / max(abs(metrics[False][k]), 1e-6)
-                    for k in metrics[False])
-        return check(max(weights, terms), 1e-3, weights_rel_err=weights, terms_rel_err=terms)
+            consolidate(student, teacher, [Replay(texts=texts, state=state)], rehearsal, sleep, device=device)
+            return torch.cat([p.detach().flatten().float() for p in student.parameters()])
+
+        shapes = {}
+        for batch, length in ((8, 64), sizes.sleep_bulk):
+            sleep = SleepConfig(steps=WARMUP_STEPS + 2, batch_size=batch, seq_len=length)
+            eager = night(sleep)
+            shapes[f"{batch}x{length}"] = {"graph_vs_eager": rel_err(night(dataclasses.replace(sleep, cuda_graph=True)),
+                                                                     eager),
+                                           "eager_vs_eager": rel_err(night(sleep), eager)}
+        worst = max(max(v["graph_vs_eager"] - v["eager_vs_eager"], 0.0) for v in shapes.values())
+        return check(worst, 1e-3, nights=shapes)
 
     def span_reads() -> dict:
         config = preset(sizes.reverie)

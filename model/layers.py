@@ -120,7 +120,9 @@ class WorkingMemory(nn.Module):
         if length == 1 and not fresh:
             return self._step(q, k, v, cache_k, cache_v, cache_pos, pos, in_place)
         query_pos = pos[:, None] + torch.arange(length, device=u.device)  # (b, T)
-        if fresh:
+        if fresh and length <= self.window:  # the window's mask would be causal's: attention's causal kernels
+            mask, keys, vals = None, k, v
+        elif fresh:
             i = torch.arange(length, device=u.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
             keys, vals = k, v
@@ -131,7 +133,7 @@ class WorkingMemory(nn.Module):
             qp = query_pos[:, :, None]
             mask = ((key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - self.window))[:, None]
         attended = F.scaled_dot_product_attention(self._heads(q), self._heads(keys), self._heads(vals),
-                                                  attn_mask=mask)
+                                                  attn_mask=mask, is_causal=mask is None)
         out = self.out(attended.transpose(1, 2).flatten(-2))
 
         if lengths is not None:

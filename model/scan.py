@@ -144,33 +144,51 @@ class _GatedScan(torch.autograd.Function):
         if width != 3 * d or bias.shape != (d,) or h0.shape != (batch, d):
             raise ValueError(f"gated_scan expects proj (batch, T, 3d), bias (d,) and h0 (batch, d); got proj "
                              f"{tuple(proj.shape)}, bias {tuple(bias.shape)}, h0 {tuple(h0.shape)}")
-        out = torch.empty(batch, length, d, dtype=proj.dtype, device=proj.device)
-        h_last = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
-        checkpoints = torch.empty(batch, -(-length // block_t), d, dtype=torch.float32, device=proj.device)
-        bias32, h0_32 = bias.float().contiguous(), h0.float().contiguous()
-        kernels = triton_kernels("model.scan_kernel")
-        kernels.gated_forward_kernel[(batch, -(-d // block_d))](
-            proj, bias32, h0_32, out, h_last, checkpoints, *proj.stride(), length, d,
-            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        tiles = sign, block_t, block_d, num_warps
+        bias32 = bias.float().contiguous()
+        out, h_last, checkpoints = gated_scan_forward(proj, bias32, h0.float().contiguous(), *tiles)
         ctx.save_for_backward(proj, bias32, checkpoints)
-        ctx.settings = sign, block_t, block_d, num_warps, bias.dtype, h0.dtype
+        ctx.settings = tiles, bias.dtype, h0.dtype
         return out, h_last
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor, d_last: torch.Tensor):
         proj, bias32, checkpoints = ctx.saved_tensors
-        sign, block_t, block_d, num_warps, bias_dtype, h0_dtype = ctx.settings
-        batch, length, width = proj.shape
-        d = width // 3
-        d_proj = torch.empty(batch, length, width, dtype=proj.dtype, device=proj.device)
-        d_bias = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
-        d_h0 = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
-        kernels = triton_kernels("model.scan_kernel")
-        kernels.gated_backward_kernel[(batch, -(-d // block_d))](
-            proj, bias32, checkpoints, d_out, d_last.float().contiguous(), d_proj, d_bias, d_h0,
-            *proj.stride(), *d_out.stride(), length, d,
-            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        tiles, bias_dtype, h0_dtype = ctx.settings
+        d_proj, d_bias, d_h0 = gated_scan_backward(proj, bias32, checkpoints, d_out, d_last.float().contiguous(),
+                                                   *tiles)
         return d_proj, d_bias.sum(0).to(bias_dtype), d_h0.to(h0_dtype), None, None, None, None
+
+
+def gated_scan_forward(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int,
+                       block_d: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel's launch (bias, h0: float32, contiguous) -> out, h_last, checkpoints. Apart
+    from the autograd function so that bench/gpu_suite.py can time the kernels alone."""
+    batch, length, width = proj.shape
+    d = width // 3
+    out = torch.empty(batch, length, d, dtype=proj.dtype, device=proj.device)
+    h_last = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+    checkpoints = torch.empty(batch, -(-length // block_t), d, dtype=torch.float32, device=proj.device)
+    triton_kernels("model.scan_kernel").gated_forward_kernel[(batch, -(-d // block_d))](
+        proj, bias, h0, out, h_last, checkpoints, *proj.stride(), length, d,
+        SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return out, h_last, checkpoints
+
+
+def gated_scan_backward(proj: torch.Tensor, bias: torch.Tensor, checkpoints: torch.Tensor, d_out: torch.Tensor,
+                        d_last: torch.Tensor, sign: int, block_t: int, block_d: int, num_warps: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel's launch (d_last: float32, contiguous) -> d_proj, each row's d_bias
+    (batch, d), d_h0."""
+    batch, length, width = proj.shape
+    d = width // 3
+    d_proj = torch.empty(batch, length, width, dtype=proj.dtype, device=proj.device)
+    d_bias = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+    d_h0 = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+    triton_kernels("model.scan_kernel").gated_backward_kernel[(batch, -(-d // block_d))](
+        proj, bias, checkpoints, d_out, d_last, d_proj, d_bias, d_h0, *proj.stride(), *d_out.stride(), length, d,
+        SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return d_proj, d_bias, d_h0
 
 
 def log_depth_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,13 @@ def backward_kernel(a, h, dh, da, db, sa_b, sa_t, sa_d, sdh_b, sdh_t, sdh_d, len
 
 
 @triton.jit
+def _sigmoid(x):
+    """1 / (1 + e^-x) with the fast division (not IEEE-rounded): the precise one is a long
+    instruction sequence, for a gate that float32 rounding already limits."""
+    return tl.fdiv(1.0, 1.0 + tl.exp(-x))
+
+
+@triton.jit
 def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, sp_d, length, d,
                          SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The mixer from its input projection to its output gate, in one pass (`model.scan.gated_scan`):
@@ -95,11 +102,11 @@ def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, s
         inside = (t < length) & in_d[None, :]
         z = tl.load(gate + t * sp_t, mask=inside, other=0.0).to(tl.float32) + bias_c
         x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        a = tl.where(inside, tl.sigmoid(SIGN * z), 1.0)
-        a_cum, b_cum = tl.associative_scan((a, tl.where(inside, (1.0 - a) * x, 0.0)), 0, _compose)
+        a = tl.where(inside, _sigmoid(SIGN * z), 1.0)
+        a_cum, b_cum = tl.associative_scan((a, (1.0 - a) * x), 0, _compose)
         h = a_cum * carry[None, :] + b_cum
         o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out + t * d, h * o * tl.sigmoid(o), mask=inside)
+        tl.store(out + t * d, h * o * _sigmoid(o), mask=inside)
         carry = tl.sum(tl.where(step[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
     tl.store(h_last + row * d + channel, carry, mask=in_d)
 
@@ -108,10 +115,11 @@ def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, s
 def gated_backward_kernel(proj, bias, checkpoints, d_out, d_last, d_proj, d_bias, d_h0, sp_b, sp_t, sp_d,
                           so_b, so_t, so_d, length, d,
                           SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The gradient of `gated_forward_kernel`, chunks from the last. In each chunk h_{t-1} is
-    recomputed from the chunk's checkpoint (a scan of the maps one step back), then the adjoint
-    G_t = dh_t + a_{t+1} * G_{t+1} is scanned backwards with the carry from the chunk after:
-    dz = SIGN * G (h_{t-1} - x) a (1 - a), dx = G (1 - a), do = d_out h silu'(o), d_h0 = G_0 a_0.
+    """The gradient of `gated_forward_kernel`, chunks from the last. In each chunk h is recomputed
+    from the chunk's checkpoint, then the adjoint G_t = dh_t + a_{t+1} * G_{t+1} is scanned
+    backwards with the carry from the chunk after. da_t = G_t (h_{t-1} - x_t), and since
+    a_t h_{t-1} = h_t - (1 - a_t) x_t, dz = SIGN * da * a (1 - a) = SIGN * G (h - x) (1 - a): no
+    h_{t-1}. dx = G (1 - a), do = d_out h silu'(o), d_h0 = G_0 a_0.
     d_out: (batch, T, d), any strides; d_last: the gradient of h_last (zeros if unused); d_proj
     (batch, T, 3d) contiguous, proj's dtype; d_bias: (batch, d), each row's sum over time."""
     row = tl.program_id(0).to(tl.int64)
@@ -127,34 +135,28 @@ def gated_backward_kernel(proj, bias, checkpoints, d_out, d_last, d_proj, d_bias
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     bias_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     for chunk in range(tl.cdiv(length, BLOCK_T) - 1, -1, -1):
-        start = chunk * BLOCK_T
-        t = start + step[:, None]
+        t = chunk * BLOCK_T + step[:, None]
         inside = (t < length) & in_d[None, :]
-        before = (t - 1 >= start) & inside  # the map one step back, inside this chunk
-        z_prev = tl.load(gate + (t - 1) * sp_t, mask=before, other=0.0).to(tl.float32) + bias_c
-        x_prev = tl.load(gate + (t - 1) * sp_t + d * sp_d, mask=before, other=0.0).to(tl.float32)
-        a_prev = tl.where(before, tl.sigmoid(SIGN * z_prev), 1.0)
-        a_cum, b_cum = tl.associative_scan((a_prev, tl.where(before, (1.0 - a_prev) * x_prev, 0.0)), 0, _compose)
-        h_prev = a_cum * tl.load(checkpoints + chunk * d, mask=in_d, other=0.0)[None, :] + b_cum
         z = tl.load(gate + t * sp_t, mask=inside, other=0.0).to(tl.float32) + bias_c
         x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
+        a = tl.where(inside, _sigmoid(SIGN * z), 1.0)
+        a_cum, b_cum = tl.associative_scan((a, (1.0 - a) * x), 0, _compose)
+        h = a_cum * tl.load(checkpoints + chunk * d, mask=in_d, other=0.0)[None, :] + b_cum
         o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        a = tl.sigmoid(SIGN * z)
-        h = a * h_prev + (1.0 - a) * x
+        s = _sigmoid(o)
         g_out = tl.load(d_out + t * so_t, mask=inside, other=0.0).to(tl.float32)
-        s = tl.sigmoid(o)
         dh = g_out * o * s + tl.where(t == length - 1, last_g, 0.0)
         after = (t + 1 < length) & in_d[None, :]
         z_next = tl.load(gate + (t + 1) * sp_t, mask=after, other=0.0).to(tl.float32) + bias_c
-        a_next = tl.where(after, tl.sigmoid(SIGN * z_next), 0.0)
-        a_back, g_back = tl.associative_scan((a_next, dh), 0, _compose, reverse=True)
+        a_back, g_back = tl.associative_scan((tl.where(after, _sigmoid(SIGN * z_next), 0.0), dh), 0, _compose,
+                                             reverse=True)
         g = a_back * carry[None, :] + g_back
-        dz = SIGN * g * (h_prev - x) * a * (1.0 - a)
+        dz = SIGN * g * (h - x) * (1.0 - a)
         tl.store(d_proj + t * 3 * d, dz, mask=inside)
         tl.store(d_proj + t * 3 * d + d, g * (1.0 - a), mask=inside)
         tl.store(d_proj + t * 3 * d + 2 * d, g_out * h * s * (1.0 + o * (1.0 - s)), mask=inside)
         bias_sum += tl.sum(tl.where(inside, dz, 0.0), axis=0)
         carry = tl.sum(tl.where(step[:, None] == 0, g, 0.0), axis=0)
-    a_first = tl.sigmoid(SIGN * (tl.load(gate + 0 * sp_t, mask=in_d[None, :], other=0.0).to(tl.float32) + bias_c))
+    a_first = _sigmoid(SIGN * (tl.load(gate, mask=in_d[None, :], other=0.0).to(tl.float32) + bias_c))
     tl.store(d_h0 + row * d + channel, carry * tl.sum(a_first, axis=0), mask=in_d)
     tl.store(d_bias + row * d + channel, bias_sum, mask=in_d)

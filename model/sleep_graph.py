@@ -7,6 +7,13 @@ syncs in the step (`model.consolidation.train_on`, `model.training.unsynced_step
 shapes every step, a capturable optimizer whose learning rate is a tensor, and eager warm-up steps
 on a side stream first (torch.cuda.graph's documentation), so that lazily made state (the
 optimizer's moments, cuBLAS workspaces, compiled kernels) exists before the capture.
+
+The graphed steps keep attention off cuDNN's kernels: on the H200 (torch 2.11), at 8 rows x 64
+bytes a night captured with cuDNN's attention failed its capture once and gave a NaN gradient
+from its fourth replay once, where the same night eager was finite; with cuDNN's attention
+excluded (or without the teacher, whose attention reads its state's window) graphed and eager
+nights ended with the same weights (session 14, bench/NOTES.md). torch's cuDNN attention has a
+known NaN in its masked backward at lengths of 64 modulo 128 (pytorch/pytorch#196678).
 """
 
 from __future__ import annotations
@@ -15,19 +22,23 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.training import StepCheck
 
 # Eager steps before the capture: the first makes the optimizer's state and compiles, the rest
 # settle the allocator.
 WARMUP_STEPS = 3
+# Every attention backend but cuDNN's (see above).
+ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 TrainOn = Callable[[Tensor], tuple[dict[str, Tensor], StepCheck]]
 
 
 class GraphedSleepStep:
     """Runs a night's steps: the first WARMUP_STEPS eagerly on a side stream, then `train_on`
-    captured once over a static chunk of bytes, each later step a copy into it and a replay. The
+    captured once over a static chunk of bytes, each later step a copy into it and a replay, all
+    with the attention backends of ATTENTION. The
     graph's outputs (loss terms, check) are overwritten by the next replay, so a call returns copies.
 
     train_on: one whole optimizer step over a (rows, T + 1) uint8 tensor on the device, without
@@ -45,7 +56,7 @@ class GraphedSleepStep:
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
             self.side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side):
+            with torch.cuda.stream(self.side), sdpa_kernel(ATTENTION):
                 out = train_on(rows.pin_memory().to(self.device, non_blocking=True))
             torch.cuda.current_stream(self.device).wait_stream(self.side)
             return out
@@ -64,5 +75,5 @@ class GraphedSleepStep:
         self.chunk = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates the gradients
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), sdpa_kernel(ATTENTION):
             self.parts, self.check = train_on(self.chunk)
