@@ -312,8 +312,8 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         sleep's 128 x 256), for a few tilings, the model's first, and the rate of the bytes each
         must move (forward: proj in, out back, 8 B an element; backward: proj, d_out in, d_proj
         back, 14 B), to hold against the copy bandwidth."""
-        from model.scan import (BLOCK_D, BLOCK_T, NUM_WARPS, gated_scan, gated_scan_backward, gated_scan_forward,
-                                gated_scan_reference)
+        from model.scan import (BLOCK_D, GATED_BLOCK_T, NUM_WARPS, gated_scan, gated_scan_backward,
+                                gated_scan_forward, gated_scan_reference)
 
         g = torch.Generator(device=device).manual_seed(3)
 
@@ -338,7 +338,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         for batch, length in ((16, 2048), (128, 256)):
             proj, bias, h0, d_out, d_last = inputs(batch, length, 768, torch.bfloat16)
             elements = batch * length * 768
-            for tiles in ((BLOCK_T, BLOCK_D, NUM_WARPS), (32, 32, 4), (64, 32, 8), (32, 64, 4), (128, 32, 8)):
+            for tiles in ((GATED_BLOCK_T, BLOCK_D, NUM_WARPS), (64, 32, 4), (16, 32, 4), (32, 32, 2), (16, 64, 4)):
                 _, _, checkpoints = gated_scan_forward(proj, bias, h0, 1, *tiles)
                 forward = time_ms(lambda: gated_scan_forward(proj, bias, h0, 1, *tiles), device, repeat=20)["ms"]
                 backward = time_ms(lambda: gated_scan_backward(proj, bias, checkpoints, d_out, d_last, 1, *tiles),
@@ -352,9 +352,13 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         """A graphed night (SleepConfig.cuda_graph) against the same night run eagerly (same start,
         seed and batches), at a user's night (8 x 64 bytes a stream) and the bulk's shape: the
         weights after the eager warm-up steps and two graphed ones (the capture's replay and one
-        more), against two eager nights' own spread (nondeterministic kernels)."""
+        more), against two eager nights' own spread (nondeterministic kernels). Every night runs
+        the graph's attention kernels (`model.sleep_graph.ATTENTION`): another attention kernel
+        alone moves the weights ~3e-3 apart in 5 steps at lr 1e-2 (call 3, session 14)."""
+        from torch.nn.attention import sdpa_kernel
+
         from model.consolidation import Replay, SleepConfig, consolidate
-        from model.sleep_graph import WARMUP_STEPS
+        from model.sleep_graph import ATTENTION, WARMUP_STEPS
 
         config = preset(sizes.sleep_preset)
         texts = [f"user: remember that door {i} is blue. assistant: noted, door {i} is blue.".encode()
@@ -365,7 +369,8 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         def night(sleep: SleepConfig) -> torch.Tensor:
             torch.manual_seed(0)
             student, teacher = ReverieLM(config), ReverieLM(config)
-            consolidate(student, teacher, [Replay(texts=texts, state=state)], rehearsal, sleep, device=device)
+            with sdpa_kernel(ATTENTION):
+                consolidate(student, teacher, [Replay(texts=texts, state=state)], rehearsal, sleep, device=device)
             return torch.cat([p.detach().flatten().float() for p in student.parameters()])
 
         shapes = {}
@@ -823,12 +828,11 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         student, teacher = ReverieLM(config), ReverieLM(config)
         state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
         replay = Replay(texts=texts, state=state)
-        ends: list[float] = []
-        with autocast(device):
-            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=2,
-                                                                                   cuda_graph=False), device=device)
-            consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=steps),
-                        device=device, on_step=lambda step, loss: ends.append(time.perf_counter()))
+        ends: list[float] = []  # consolidate runs its own autocast (SleepConfig.amp)
+        consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=2, cuda_graph=False),
+                    device=device)
+        consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=steps),
+                    device=device, on_step=lambda step, loss: ends.append(time.perf_counter()))
         timed = ends[WARMUP_STEPS + 1:]
         return (timed[-1] - timed[0]) / (len(timed) - 1)
 

@@ -297,7 +297,7 @@ def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, strea
     anchor, weighted, then a clipped step that does not wait for the GPU (`unsynced_step`;
     `optimizer` fused). No host syncs, so model/sleep_graph.py can capture it. Returns the loss
     terms and the step's check."""
-    with autocast(chunk.device, config.amp):
+    with autocast(chunk.device, config.amp, cache=False):  # right whether or not the caller is in autocast
         parts = _step_losses(student, teacher, chunk, streams, teacher_state, config)
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
               "rehearsal_distill": config.distill_weight,

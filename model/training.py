@@ -71,8 +71,12 @@ def make_optimizer(model: ReverieLM, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
 
 
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def autocast(device: torch.device, enabled: bool, cache: bool = True):
+    """bf16 autocast on CUDA. cache=False: no cast of a weight is kept for reuse. Inside an
+    enclosing autocast context the cache lives until that context ends, so a loop of optimizer
+    steps run inside one would read the casts of the first step's weights."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda",
+                          cache_enabled=cache)
 
 
 def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
