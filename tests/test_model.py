@@ -252,6 +252,31 @@ def test_tiny_model_loss_falls_on_tiny_corpus():
     assert result.heldout_bpb < 7.0
 
 
+def test_an_unsynced_step_skips_a_non_finite_loss_and_needs_a_fused_optimizer():
+    """`unsynced_step` applies a finite step and leaves weights and the optimizer's state as they
+    were after a NaN, saying so in its check; an unfused optimizer, which cannot skip on the
+    device, is refused."""
+    from model.training import unsynced_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    inputs = torch.randn(3, 4)
+    first = unsynced_step(layer(inputs).square().mean(), layer, optimizer, grad_clip=1.0)
+    assert not bool(first.skipped) and first.verify("loss", 0, "") == float(first.loss)
+    before = [p.detach().clone() for p in layer.parameters()]
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in layer.parameters()]
+    skipped = unsynced_step(layer(inputs).sum() * float("nan"), layer, optimizer, grad_clip=1.0)
+    assert bool(skipped.skipped)
+    assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before))
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(layer.parameters(), moments))
+    assert all(int(optimizer.state[p]["step"]) == 1 for p in layer.parameters())
+    with pytest.raises(FloatingPointError, match="loss at step 1 was nan.*lower the lr"):
+        skipped.verify("loss", 1, "lower the lr")
+    with pytest.raises(ValueError, match="fused=True"):
+        unsynced_step(layer(inputs).sum(), layer, torch.optim.AdamW(layer.parameters()), grad_clip=1.0)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens, message", [
     (torch.zeros(1, 0, dtype=torch.long), "length >= 1"),
