@@ -80,6 +80,18 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A gated program's batch row, its BLOCK_D channels (and which are inside d), the steps of a
+    chunk, the pointers to its channels' gate pre-activations in proj (x and o follow at d and 2d
+    channels) and its channels' gate biases (1, BLOCK_D)."""
+    row = tl.program_id(0).to(tl.int64)
+    channel = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = channel < d
+    bias_c = tl.load(bias + channel, mask=in_d, other=0.0)[None, :]
+    return row, channel, tl.arange(0, BLOCK_T), in_d, proj + row * sp_b + channel[None, :] * sp_d, bias_c
+
+
+@triton.jit
 def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, sp_d, length, d,
                          SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The mixer from its input projection to its output gate, in one pass (`model.scan.gated_scan`):
@@ -87,12 +99,7 @@ def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, s
     gate o; a = sigmoid(SIGN * (z + bias)), h_t = a * h_{t-1} + (1 - a) * x from h0 (batch, d), and
     out = h * silu(o) (batch, T, d) in proj's dtype. Also stores h_last = h_{T-1} and each chunk's
     incoming h (checkpoints, (batch, chunks, d)), from which the backward recomputes h."""
-    row = tl.program_id(0).to(tl.int64)
-    channel = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    step = tl.arange(0, BLOCK_T)
-    in_d = channel < d
-    gate = proj + row * sp_b + channel[None, :] * sp_d
-    bias_c = tl.load(bias + channel, mask=in_d, other=0.0)[None, :]
+    row, channel, step, in_d, gate, bias_c = _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T, BLOCK_D)
     carry = tl.load(h0 + row * d + channel, mask=in_d, other=0.0)
     out += row * length * d + channel[None, :]
     checkpoints += row * tl.cdiv(length, BLOCK_T) * d + channel
@@ -122,12 +129,7 @@ def gated_backward_kernel(proj, bias, checkpoints, d_out, d_last, d_proj, d_bias
     h_{t-1}. dx = G (1 - a), do = d_out h silu'(o), d_h0 = G_0 a_0.
     d_out: (batch, T, d), any strides; d_last: the gradient of h_last (zeros if unused); d_proj
     (batch, T, 3d) contiguous, proj's dtype; d_bias: (batch, d), each row's sum over time."""
-    row = tl.program_id(0).to(tl.int64)
-    channel = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    step = tl.arange(0, BLOCK_T)
-    in_d = channel < d
-    gate = proj + row * sp_b + channel[None, :] * sp_d
-    bias_c = tl.load(bias + channel, mask=in_d, other=0.0)[None, :]
+    row, channel, step, in_d, gate, bias_c = _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T, BLOCK_D)
     d_out += row * so_b + channel[None, :] * so_d
     d_proj += row * length * 3 * d + channel[None, :]
     checkpoints += row * tl.cdiv(length, BLOCK_T) * d + channel
