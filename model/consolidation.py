@@ -371,8 +371,8 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
         which = step % len(replays)
         rows = step_rows(replays[which], rehearsal_data, config, rng, generator)
 
-        def train(chunk: Tensor, streams: dict[str, slice] = rows.streams, state=teacher_states[which]
-                  ) -> tuple[dict[str, Tensor], StepCheck]:
+        def train(chunk: Tensor, streams: dict[str, slice] = rows.streams,
+                  state: TeacherState | None = teacher_states[which]) -> tuple[dict[str, Tensor], StepCheck]:
             return train_on(student, teacher, chunk, streams, state, config, optimizer, anchor)
         parts, check = graph(train, rows.data) if graph else train(on_device(rows.data, device))
         if step >= config.steps - window:
