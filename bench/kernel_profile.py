@@ -80,12 +80,13 @@ def decode_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -
 
 
 def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
-    """One step of `model.consolidation.consolidate` (`sleep_step`) as the suite's shared bulk run
-    times it: the student reads tonight's, earlier and rehearsal rows, the teacher (with a user's
-    state) tonight's."""
+    """One eager step of `model.consolidation.consolidate` (`step_rows`, then `train_on`) as the
+    suite's shared bulk run times it: the student reads tonight's, earlier and rehearsal rows, the
+    teacher (with a user's state) tonight's."""
     import random
 
-    from model.consolidation import Replay, SleepConfig, TeacherState, sleep_step as one_step
+    from model.consolidation import Replay, SleepConfig, TeacherState, step_rows, train_on
+    from model.sleep_graph import on_device
 
     config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
     teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
@@ -101,7 +102,11 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
     lm.train()
     state = TeacherState.of(replay, config.batch_size, device)
-    return lambda: one_step(lm, teacher, replay, state, rehearsal, config, optimizer, anchor, rng, generator, device)
+
+    def one_step() -> None:
+        rows = step_rows(replay, rehearsal, config, rng, generator)
+        train_on(lm, teacher, on_device(rows.data, device), rows.streams, state, config, optimizer, anchor)
+    return one_step
 
 
 class WrittenBytes(TorchDispatchMode):

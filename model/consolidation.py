@@ -41,7 +41,7 @@ from model.config import ModelConfig
 from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep
+from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep, on_device
 from model.training import StepCheck, autocast, unsynced_step
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
@@ -258,13 +258,6 @@ def step_rows(replay: Replay, rehearsal: Tensor | None, config: SleepConfig, rng
     return StepRows(data, streams)
 
 
-def on_device(rows: Tensor, device: torch.device | str) -> Tensor:
-    """rows on `device` without waiting: a copy from pageable host memory waits for the GPU's queue."""
-    if torch.device(device).type != "cuda":
-        return rows.to(device)
-    return rows.pin_memory().to(device, non_blocking=True)
-
-
 def _step_losses(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, streams: Mapping[str, slice],
                  teacher_state: TeacherState | None, config: SleepConfig) -> dict[str, Tensor]:
     """One step's loss terms, each ingredient that is on (LM terms in bits per byte), over `chunk`,
@@ -295,8 +288,9 @@ def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, strea
              anchor: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], StepCheck]:
     """One optimizer step over `chunk` (a `StepRows.data` on the device): the loss terms and the
     anchor, weighted, then a clipped step that does not wait for the GPU (`unsynced_step`;
-    `optimizer` fused). No host syncs, so model/sleep_graph.py can capture it. Returns the loss
-    terms and the step's check."""
+    `optimizer` fused). No host syncs, so model/sleep_graph.py can capture it; `consolidate` runs
+    it on each step's `step_rows`, bench/kernel_profile.py profiles one. Returns the loss terms
+    and the step's check."""
     with autocast(chunk.device, config.amp, cache=False):  # right whether or not the caller is in autocast
         parts = _step_losses(student, teacher, chunk, streams, teacher_state, config)
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
@@ -311,17 +305,6 @@ def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, strea
     check = unsynced_step(loss, student, optimizer, config.grad_clip,
                           before_clip=None if pull is None else lambda: pull.add_gradient(config.anchor_weight))
     return parts, check
-
-
-def sleep_step(student: nn.Module, teacher: ReverieLM | None, replay: Replay, teacher_state: TeacherState | None,
-               rehearsal: Tensor | None, config: SleepConfig, optimizer: torch.optim.Optimizer,
-               anchor: Mapping[str, Tensor] | None, rng: random.Random, generator: torch.Generator,
-               device: str | torch.device) -> tuple[dict[str, Tensor], StepCheck]:
-    """One eager step of a night: `step_rows` on the host, `train_on` on the device.
-    bench/kernel_profile.py profiles one. teacher_state: `TeacherState.of` the replay."""
-    rows = step_rows(replay, rehearsal, config, rng, generator)
-    return train_on(student, teacher, on_device(rows.data, device), rows.streams, teacher_state, config, optimizer,
-                    anchor)
 
 
 def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence[Replay], rehearsal: bytes,

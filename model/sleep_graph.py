@@ -35,6 +35,13 @@ ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 TrainOn = Callable[[Tensor], tuple[dict[str, Tensor], StepCheck]]
 
 
+def on_device(rows: Tensor, device: torch.device | str) -> Tensor:
+    """rows on `device` without waiting: a copy from pageable host memory waits for the GPU's queue."""
+    if torch.device(device).type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
+
+
 class GraphedSleepStep:
     """Runs a night's steps: the first WARMUP_STEPS eagerly on a side stream, then `train_on`
     captured once over a static chunk of bytes, each later step a copy into it and a replay, all
@@ -57,7 +64,7 @@ class GraphedSleepStep:
             self.eager_steps += 1
             self.side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.side), sdpa_kernel(ATTENTION):
-                out = train_on(rows.pin_memory().to(self.device, non_blocking=True))
+                out = train_on(on_device(rows, self.device))
             torch.cuda.current_stream(self.device).wait_stream(self.side)
             return out
         if self.graph is None:

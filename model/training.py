@@ -80,17 +80,14 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True):
 
 
 def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 what: str, step: int, advice: str, before_clip: Callable[[], None] | None = None) -> None:
+                 what: str, step: int, advice: str) -> None:
     """Backward and one optimizer step with gradients clipped to `grad_clip`, after checking the
     loss is finite: a NaN would otherwise be written into every weight. The error names `what`
-    the loss is, the step, and `advice`. before_clip: adds gradients that autograd did not (the
-    sleep's anchor pull)."""
+    the loss is, the step, and `advice`."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{what} became {loss.item()} at step {step}; {advice}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if before_clip is not None:
-        before_clip()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
 
