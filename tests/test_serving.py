@@ -146,9 +146,20 @@ def _replica_actor_names() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ReverieModel" in a["name"]]
 
 
+def saved_info(server, user_id: str, turns: int) -> dict:
+    """The user's info once it reports all `turns` taught turns as saved. Serve's sticky routing is
+    best effort: a replica that does not hold the user answers from the store, which can lag the
+    one that does by up to its save interval (1 s here)."""
+    deadline = time.monotonic() + 30
+    while (info := user_info(server, user_id))["turns"] != turns:
+        assert info["turns"] < turns and time.monotonic() < deadline, info
+        time.sleep(0.2)
+    return info
+
+
 def test_killed_replica_loses_no_saved_state(server):
     teach(server, "kill-a", turns=2)
-    before_info, before_probe = user_info(server, "kill-a"), probe(server, "kill-a")
+    before_info, before_probe = saved_info(server, "kill-a", turns=2), probe(server, "kill-a")
     victim = next(n for n in _replica_actor_names() if n.endswith(before_info["replica"]))
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 90

@@ -16,6 +16,9 @@ Durability contract (what a crash can lose):
   saves in flight; their turns are in the log, so the night's sleep still learns them.
   `save_interval_s: 0` saves after every turn. Saves of one user land in order; `flush` saves a
   user's pending state at once and waits, and `GET /v1/users/{id}` reports only saved state.
+  Serve's sticky routing is best effort (a busy replica, or a router that has not yet heard which
+  replica holds a user, sends the call elsewhere): a replica that does not hold the user answers
+  from the store, which can lag the replica that does by up to `save_interval_s`.
 - The in-memory LRU caches the saved states. Each user's turn count is also written to a small
   marker (`serving/turns/<user>.json`), read on every turn: if Serve ever routes a user to a
   second replica, the first one notices its cached copy is stale and reloads it from the store,
