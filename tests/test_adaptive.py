@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -31,15 +30,6 @@ def tokens_of(data: bytes) -> torch.Tensor:
 def deep_model() -> ReverieLM:
     torch.manual_seed(0)
     return ReverieLM(DEEP).eval()
-
-
-def fastest_ms(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000.0)
-    return min(times)
 
 
 # --- early exit ----------------------------------------------------------------------------------
@@ -91,13 +81,19 @@ def test_complexity_orders_repetitive_below_prose_below_noise():
 
 
 @torch.no_grad()
-def test_estimator_costs_under_5_percent_of_a_full_forward():
+def test_estimator_runs_none_of_the_models_arithmetic():
+    """The estimator deflates the bytes; it never touches the model. Counted rather than timed, so
+    the test does not depend on the machine's load: bench/adaptive_compute.py measures its latency
+    against a full forward (`estimator_fraction_of_full_forward`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     model = ReverieLM(preset("tiny")).eval()
     adaptive = AdaptiveDepth(model, DepthPolicy.full_depth(model.config.n_layers))
     tokens = tokens_of((PROSE * 2)[:256])
-    estimate = fastest_ms(lambda: adaptive.plan(tokens), repeats=30)
-    forward = fastest_ms(lambda: model(tokens), repeats=5)
-    assert estimate < 0.05 * forward
+    with FlopCounterMode(display=False) as counter:
+        score, layers = adaptive.plan(tokens)
+    assert counter.get_total_flops() == 0
+    assert score == complexity((PROSE * 2)[:256]) and layers == model.config.n_layers
 
 
 # --- the policy ----------------------------------------------------------------------------------
