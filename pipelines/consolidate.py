@@ -201,8 +201,10 @@ def corpus_records(data: bytes, size: int = 256) -> list[bytes]:
 
 
 def consolidate_users_step(data: str | None, night: Night, candidate: str, experience: dict[str, list[dict]],
-                           fast_states: dict[str, bytes], rehearsal: bytes, sleep_config: SleepConfig) -> dict:
-    """Every user's personal delta on `candidate`, skipping users whose delta is already saved."""
+                           fast_states: dict[str, bytes], rehearsal: bytes, sleep_config: SleepConfig,
+                           gpus_per_user: float = 0.0) -> dict:
+    """Every user's personal delta on `candidate`, skipping users whose delta is already saved;
+    each user's night on `gpus_per_user` of a GPU, or on a CPU (0)."""
     store = _store(data)
     registry, deltas = CheckpointRegistry(store), DeltaStore(store)
     done = set(deltas.users(candidate))
@@ -224,7 +226,7 @@ def consolidate_users_step(data: str | None, night: Night, candidate: str, exper
                                {**result.meta, "night": night.night, "trained": str(result.trained)})
 
     results = consolidate_users(night.student_config, served, shared, nights, rehearsal, sleep_config, candidate,
-                                save, teacher_config=night.config)
+                                save, teacher_config=night.config, gpus_per_user=gpus_per_user)
     return {"trained": sorted(r.user_id for r in results if r.trained),
             "carried": sorted(r.user_id for r in results if not r.trained), "skipped": sorted(done)}
 
@@ -314,7 +316,7 @@ def _report(night: str, candidate: str | None, metrics: dict[str, Any], users: d
 @flow(name="consolidate")
 def consolidate(night: str | None = None, data: str | None = None, preset_name: str = "tiny",
                 ray_address: str | None = None, num_workers: int | None = None, use_gpu: bool | None = None,
-                train_storage: str | None = None, sleep_config: dict[str, Any] | None = None,
+                user_night_gpus: float | None = None, train_storage: str | None = None, sleep_config: dict[str, Any] | None = None,
                 gate: dict[str, Any] | None = None, soft_reset_keep: float = 0.5,
                 student: str | None = None) -> dict[str, Any]:
     """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`.
@@ -322,9 +324,9 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     `student`: None keeps the architecture; "search" or "search:<run_id>" distills into the best
     genome of that search run (see the module docstring).
 
-    Where it runs is configuration: unset (or empty) `ray_address`, `num_workers`, `use_gpu` and
-    `train_storage` come from `Settings` (RAY_ADDRESS, REVERIE_SLEEP_WORKERS, REVERIE_SLEEP_GPU,
-    REVERIE_TRAIN_STORAGE or reverie.toml), so a Prefect worker's environment alone can point the
+    Where it runs is configuration: unset (or empty) `ray_address`, `num_workers`, `use_gpu`,
+    `user_night_gpus` and `train_storage` come from `Settings` (RAY_ADDRESS, REVERIE_SLEEP_WORKERS,
+    REVERIE_SLEEP_GPU, REVERIE_USER_NIGHT_GPUS, REVERIE_TRAIN_STORAGE or reverie.toml), so a Prefect worker's environment alone can point the
     night at a Ray cluster, and a Ray job's entrypoint joins the cluster that runs it.
     """
     logger = get_run_logger()
@@ -343,7 +345,8 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     storage_path = train_storage or settings.train_storage or _train_storage(data)
     candidate = sleep_shared(data, state, experience, rehearsal, sleep_cfg, num_workers or settings.sleep_workers,
                              settings.sleep_gpu if use_gpu is None else use_gpu, storage_path)
-    users = sleep_users(data, state, candidate, experience, fast_states, rehearsal, sleep_cfg)
+    users = sleep_users(data, state, candidate, experience, fast_states, rehearsal, sleep_cfg,
+                        settings.user_night_gpus if user_night_gpus is None else user_night_gpus)
     metrics = evaluate_night(data, state, candidate, experience, heldout, gate_cfg)
     promoted = False
     if not metrics["failures"]:

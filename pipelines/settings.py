@@ -29,12 +29,14 @@ class Settings:
     # which on a cluster of several nodes must be storage every node reaches (NFS path or s3://).
     sleep_workers: int = 1
     sleep_gpu: bool = False
+    # Each user's night as a Ray task on this share of a GPU (0.25: four nights share one); 0 = a CPU.
+    user_night_gpus: float = 0.0
     train_storage: str | None = None  # None = <local data root>/ray_train, else a local temp dir
     storage: StorageConfig = field(default_factory=StorageConfig.from_env)
 
     ENV = {"preset": "REVERIE_PRESET", "device": "REVERIE_DEVICE", "ray_address": "RAY_ADDRESS",
            "sleep_workers": "REVERIE_SLEEP_WORKERS", "sleep_gpu": "REVERIE_SLEEP_GPU",
-           "train_storage": "REVERIE_TRAIN_STORAGE"}
+           "user_night_gpus": "REVERIE_USER_NIGHT_GPUS", "train_storage": "REVERIE_TRAIN_STORAGE"}
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> "Settings":
@@ -61,14 +63,14 @@ class Settings:
 
 
 def _parse(variable: str, text: str, kind: type) -> Any:
-    """An environment variable's text as the setting's type (bool and int settings; else the text)."""
+    """An environment variable's text as the setting's type (bool, int and float settings; else the text)."""
     if kind is bool:
         if text.strip().lower() not in _TRUE + _FALSE:
             raise ValueError(f"{variable}={text!r} is not a yes/no value; use 1 or 0 (true/false)")
         return text.strip().lower() in _TRUE
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise ValueError(f"{variable}={text!r} is not an integer") from None
+            raise ValueError(f"{variable}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
     return text

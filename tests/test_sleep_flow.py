@@ -10,7 +10,7 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import pipelines.consolidate as nightly
-from model.consolidation import add_delta, dense_delta, model_from
+from model.consolidation import SleepConfig, add_delta, dense_delta, model_from
 from model.config import preset
 from model.evaluation import Fact, recalled
 from model.fast_state import FastState
@@ -24,6 +24,7 @@ from storage.fast_states import FastStateStore
 from storage.search_results import SearchResults
 from storage.experience import ExperienceRecord, ExperienceWriter
 from storage.uri import open_store
+from workers.consolidation import UserNight, consolidate_users
 
 NIGHT = "2026-01-05"
 SLEEP = {"steps": 80, "rehearsal_weight": 0.3}
@@ -39,7 +40,8 @@ def prefect_backend():
 
 @pytest.fixture(scope="session", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # One declared GPU: Ray hands out shares of it, torch here finds none (a user's night on a GPU share)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -105,6 +107,20 @@ def test_exception_mid_sleep_is_retried_and_promotes_once(data, monkeypatch):
     assert len(result["users"]["trained"]) == 1 and len(result["users"]["skipped"]) == 1  # no double training
     assert registry.versions() == ["v0001", "v0002"] and registry.current() == "v0002"
     assert registry.manifest("v0002")["night"] == NIGHT
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA here the night would train on it")
+def test_a_night_on_a_gpu_share_says_when_torch_finds_no_gpu():
+    """REVERIE_USER_NIGHT_GPUS makes each user's night a Ray task that asks for a share of a GPU;
+    where Ray grants one that torch cannot use, the night stops with what to change."""
+    weights = {k: v.detach() for k, v in ReverieLM(preset("tiny")).state_dict().items()}
+    night = UserNight("alice", [fact.text() for fact in FACTS["alice"]])
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"given GPU .*0.* by Ray.*REVERIE_USER_NIGHT_GPUS=0"):
+        consolidate_users(preset("tiny"), weights, weights, [night], embedded_corpus().train[:4096],
+                          SleepConfig(steps=4), "v0001", on_done=lambda result: None, gpus_per_user=0.5)
+    with pytest.raises(ValueError, match="a share of one GPU, 0 to 1"):
+        consolidate_users(preset("tiny"), weights, weights, [night], b"", SleepConfig(), "v0001",
+                          on_done=lambda result: None, gpus_per_user=2)
 
 
 def test_failing_gate_promotes_nothing_and_says_why(data):

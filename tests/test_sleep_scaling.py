@@ -74,16 +74,19 @@ def test_two_workers_learn_what_one_worker_learns_at_equal_global_batch(local_ra
 
 def test_sleep_workers_gpu_and_train_storage_are_set_by_the_environment_alone(monkeypatch, tmp_path):
     env = {"REVERIE_SLEEP_WORKERS": "4", "REVERIE_SLEEP_GPU": "true", "REVERIE_TRAIN_STORAGE": "s3://bucket/ray_train",
-           "REVERIE_CONFIG": str(tmp_path / "absent.toml")}
+           "REVERIE_USER_NIGHT_GPUS": "0.25", "REVERIE_CONFIG": str(tmp_path / "absent.toml")}
     settings = Settings.load(env=env)
-    assert (settings.sleep_workers, settings.sleep_gpu, settings.train_storage) == (4, True, "s3://bucket/ray_train")
+    assert (settings.sleep_workers, settings.sleep_gpu, settings.train_storage, settings.user_night_gpus) == (
+        4, True, "s3://bucket/ray_train", 0.25)
     with pytest.raises(ValueError, match="REVERIE_SLEEP_WORKERS"):
         Settings.load(env={**env, "REVERIE_SLEEP_WORKERS": "two"})
+    with pytest.raises(ValueError, match="REVERIE_USER_NIGHT_GPUS='a quarter' is not a number"):
+        Settings.load(env={**env, "REVERIE_USER_NIGHT_GPUS": "a quarter"})
 
     calls = []
     monkeypatch.setattr(pipelines.consolidate, "consolidate", lambda **kwargs: calls.append(kwargs) or {})
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert main(["sleep", "--night", "2026-01-05"]) == 0
-    assert {k: calls[0][k] for k in ("num_workers", "use_gpu", "train_storage")} == {
-        "num_workers": 4, "use_gpu": True, "train_storage": "s3://bucket/ray_train"}
+    assert {k: calls[0][k] for k in ("num_workers", "use_gpu", "train_storage", "user_night_gpus")} == {
+        "num_workers": 4, "use_gpu": True, "train_storage": "s3://bucket/ray_train", "user_night_gpus": 0.25}

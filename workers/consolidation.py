@@ -1,8 +1,9 @@
 """The sleep on Ray: per-user consolidations as Ray tasks, the shared one through Ray Train.
 
 - `consolidate_users` fans each user's night out as a Ray task (`consolidate_user`, a plain
-  function that tests call without Ray) and hands every finished user to a callback as soon as it
-  is done, so a retried night redoes only the users whose delta was not yet saved.
+  function that tests call without Ray), on a CPU or a share of a GPU, and hands every finished
+  user to a callback as soon as it is done, so a retried night redoes only the users whose delta
+  was not yet saved.
 - `train_shared` runs the shared distillation as a `TorchTrainer`: `ScalingConfig(num_workers=N,
   use_gpu=...)` makes the same loop run on CPU workers or on 1..N GPUs (DDP when N > 1), and
   `RunConfig(storage_path=...)` says where Ray Train keeps its run directory and checkpoints.
@@ -68,8 +69,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = 2) -> None:
 
 def consolidate_user(config_json: str, served: Weights, candidate: Weights, night: UserNight,
                      rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str,
-                     teacher_config_json: str | None = None) -> UserResult:
-    """One user's sleep into a personal delta on `candidate_version`.
+                     teacher_config_json: str | None = None, device: str = "cpu") -> UserResult:
+    """One user's sleep into a personal delta on `candidate_version`, trained on `device`.
 
     Teacher: the weights that served the user today (`served` + their old delta) with their fast
     state, in `teacher_config_json`'s architecture (default: the candidate's). Student: starts from
@@ -96,24 +97,49 @@ def consolidate_user(config_json: str, served: Weights, candidate: Weights, nigh
     student = model_from(config, start)
     teacher = model_from(teacher_config, add_delta(served, old)) if sleep_config.distill else None
     state = FastState.from_bytes(night.state, teacher_config) if night.state else None
-    metrics = consolidate(student, teacher, [Replay(texts, state, earlier)], rehearsal, sleep_config)
+    metrics = consolidate(student, teacher, [Replay(texts, state, earlier)], rehearsal, sleep_config, device=device)
     tensors, meta = personal_delta(candidate, cpu_weights(student), candidate_version, sleep_config.personal_delta)
     return UserResult(night.user_id, tensors, {**meta, "night_texts": str(len(night.texts))}, metrics, trained=True)
 
 
-_consolidate_user_task = ray.remote(num_cpus=1, max_retries=1)(consolidate_user)
+@ray.remote(num_cpus=1, max_retries=1)
+def _consolidate_user_task(*args: object, on_gpu: bool) -> UserResult:
+    """`consolidate_user` in a Ray task: on the GPU share Ray gave it, or on its CPU."""
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"this user's night was given GPU {ray.get_gpu_ids()} by Ray, but torch on this "
+                           f"worker sees no CUDA device (torch {torch.__version__}): install a CUDA build of "
+                           "torch on the Ray workers, or set REVERIE_USER_NIGHT_GPUS=0 to sleep users on CPUs")
+    return consolidate_user(*args, device="cuda" if on_gpu else "cpu")
+
+
+def warn_without_gpus(share: float, setting: str) -> None:
+    """Say why a night may wait: Ray holds a task that asks for GPUs until a node with one joins
+    (an autoscaler adds them on demand; a cluster without one waits forever)."""
+    available = ray.cluster_resources().get("GPU", 0.0)
+    if share > 0 and available < share:
+        log.warning("%s asks for %g GPU a task and the Ray cluster has %g now: the tasks wait for a GPU node "
+                    "to join (its autoscaler's, if it has one); set %s=0 to run them on CPUs",
+                    setting, share, available, setting)
 
 
 def consolidate_users(config: ModelConfig, served: Weights, candidate: Weights, nights: Sequence[UserNight],
                       rehearsal: bytes, sleep_config: SleepConfig, candidate_version: str,
-                      on_done: Callable[[UserResult], None], teacher_config: ModelConfig | None = None
-                      ) -> list[UserResult]:
+                      on_done: Callable[[UserResult], None], teacher_config: ModelConfig | None = None,
+                      gpus_per_user: float = 0.0) -> list[UserResult]:
     """Fan the users out as Ray tasks; call `on_done` for each as soon as it finishes.
-    `teacher_config`: the architecture of `served` when it is not `config` (a new student)."""
+    `teacher_config`: the architecture of `served` when it is not `config` (a new student).
+    `gpus_per_user`: each user's night takes this share of a GPU (0.25: four nights share one)
+    and trains there; 0 trains on a CPU. A night's step is small (8 streams of 64 bytes by default),
+    so one night alone leaves most of a GPU idle; `SleepConfig.cuda_graph` takes its host time off."""
+    if not 0 <= gpus_per_user <= 1:
+        raise ValueError(f"REVERIE_USER_NIGHT_GPUS must be a share of one GPU, 0 to 1 (0 = a CPU), "
+                         f"got {gpus_per_user}; a user's night trains on one device")
+    warn_without_gpus(gpus_per_user, "REVERIE_USER_NIGHT_GPUS")
     served_ref, candidate_ref, rehearsal_ref = ray.put(served), ray.put(candidate), ray.put(rehearsal)
     teacher_json = teacher_config.to_json() if teacher_config is not None else None
-    pending = {_consolidate_user_task.remote(config.to_json(), served_ref, candidate_ref, night, rehearsal_ref,
-                                             sleep_config, candidate_version, teacher_json): night.user_id
+    task = _consolidate_user_task.options(num_gpus=gpus_per_user)
+    pending = {task.remote(config.to_json(), served_ref, candidate_ref, night, rehearsal_ref, sleep_config,
+                           candidate_version, teacher_json, on_gpu=gpus_per_user > 0): night.user_id
                for night in nights}
     results = []
     while pending:
@@ -174,6 +200,7 @@ def train_shared(config: ModelConfig, start: Weights, teacher: Weights, texts: l
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415 - Ray Train loads slowly
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
+    warn_without_gpus(1.0 if use_gpu else 0.0, "REVERIE_SLEEP_GPU")
     if "://" not in storage_path:  # a local path; s3:// and other URIs are Ray Train's to create
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(

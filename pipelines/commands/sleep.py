@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                         help="Ray Train workers for the shared sleep (default: REVERIE_SLEEP_WORKERS or 1)")
     parser.add_argument("--gpu", action="store_true", default=None,
                         help="Ray Train workers use one GPU each (default: REVERIE_SLEEP_GPU)")
+    parser.add_argument("--user-night-gpus", type=float, metavar="SHARE",
+                        help="each user's night on this share of a GPU, e.g. 0.25 for four a GPU; 0 = a CPU "
+                             "(default: REVERIE_USER_NIGHT_GPUS or 0)")
     parser.add_argument("--student", metavar="search[:RUN_ID]",
                         help="distill into the best genome of a `reverie search` run (the latest with 'search'): "
                              "a fresh model of that architecture learns the served one; promoted only if it "
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         result = consolidate(night=args.night, data=settings.storage.root, preset_name=args.preset or settings.preset,
                              ray_address=settings.ray_address, num_workers=args.num_workers or settings.sleep_workers,
                              use_gpu=settings.sleep_gpu if args.gpu is None else args.gpu,
+                             user_night_gpus=(settings.user_night_gpus if args.user_night_gpus is None
+                                              else args.user_night_gpus),
                              train_storage=settings.train_storage, sleep_config=sleep_config or None,
                              student=args.student)
     except GateFailed as error:
