@@ -15,6 +15,8 @@ The sleep here is `model.consolidation.sleep` called directly (the same function
 the nightly flow run), so the numbers measure the learning, not Prefect or Ray.
 
     python bench/sleep_days.py --days 30            # writes bench/results/sleep_days.{json,png}
+    python bench/sleep_days.py --methods reverie,half --recipe half:support_fraction=0.5,earlier_weight=4 \
+        --seed 1 --out /tmp/half-seed1                 # a recipe of your own against the default
 """
 
 from __future__ import annotations
@@ -135,6 +137,23 @@ def final_metrics(world: World, weights: dict[str, dict[str, torch.Tensor]], day
     return {"day1_recall_final": day1, "bpb_drift": drift, "leakage": leaks / total if len(users) > 1 else 0.0}
 
 
+def parse_recipe(text: str) -> tuple[str, SleepConfig]:
+    """`name:field=value,...` -> (name, the default recipe with those SleepConfig fields changed)."""
+    name, _, assignments = text.partition(":")
+    types = {f.name: type(getattr(SleepConfig(), f.name)) for f in dataclasses.fields(SleepConfig)}
+    changes = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        if key not in types or not value:
+            raise argparse.ArgumentTypeError(f"{assignment!r} in --recipe {text!r}: want field=value with a field "
+                                             f"of SleepConfig ({', '.join(types)})")
+        changes[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+    if not name or name in METHODS or name == "no_sleep":
+        raise argparse.ArgumentTypeError(f"--recipe {text!r}: name it (NAME:field=value,...), not after a method "
+                                         f"of METHODS or no_sleep")
+    return name, dataclasses.replace(METHODS["reverie"], **changes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=30)
@@ -145,8 +164,17 @@ def main() -> None:
     parser.add_argument("--base", help="safetensors weights of a pretrained model of --preset (skips pretraining)")
     parser.add_argument("--steps", type=int, help="sleep steps per user per night (default: each recipe's own)")
     parser.add_argument("--methods", default="reverie,reverie_lean,no_sleep,naive_finetune,rehearsal_only")
+    parser.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                        help="a method of your own: the default recipe with these SleepConfig fields changed "
+                             "(repeatable; name it in --methods)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "sleep_days",
+                        help="where the results go: OUT.json and OUT.png (default: bench/results/sleep_days)")
     args = parser.parse_args()
+    known = {**METHODS, **dict(args.recipe)}
+    unknown = [m for m in args.methods.split(",") if m not in known and m != "no_sleep"]
+    if unknown:
+        parser.error(f"unknown methods {unknown}: choose from {sorted(known)} and no_sleep, or define one with --recipe")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     corpus = embedded_corpus()
@@ -159,18 +187,19 @@ def main() -> None:
         train(model, corpus, TrainConfig(steps=args.pretrain_steps, device="cpu", progress=False, seed=args.seed))
     world = build_world(model, corpus, args.users, args.days, args.facts_per_day, args.seed)
     methods = args.methods.split(",")
-    recipes = {m: dataclasses.replace(METHODS[m], **({"steps": args.steps} if args.steps else {}))
+    recipes = {m: dataclasses.replace(known[m], **({"steps": args.steps} if args.steps else {}))
                for m in methods if m != "no_sleep"}
-    out = {"days": args.days, "config": {**vars(args), "base_heldout_bpb": world.base_bpb,
+    settings = {**vars(args), "recipe": [name for name, _ in args.recipe], "out": str(args.out)}
+    out = {"days": args.days, "config": {**settings, "base_heldout_bpb": world.base_bpb,
                                          "sleep": {m: dataclasses.asdict(r) for m, r in recipes.items()}},
            "methods": {}}
     for method in methods:
         out["methods"][method] = simulate(world, recipes.get(method), args.days, args.seed, log=method)
         print(json.dumps({method: {k: v for k, v in out["methods"][method].items() if k != "recall_by_day"}}))
     out["config"]["wall_seconds"] = time.perf_counter() - started
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sleep_days.json").write_text(json.dumps(out, indent=2))
-    plot(out, RESULTS / "sleep_days.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    plot(out, args.out.with_suffix(".png"))
 
 
 def plot(out: dict, path: Path) -> None:
