@@ -316,9 +316,9 @@ def _report(night: str, candidate: str | None, metrics: dict[str, Any], users: d
 @flow(name="consolidate")
 def consolidate(night: str | None = None, data: str | None = None, preset_name: str = "tiny",
                 ray_address: str | None = None, num_workers: int | None = None, use_gpu: bool | None = None,
-                user_night_gpus: float | None = None, train_storage: str | None = None, sleep_config: dict[str, Any] | None = None,
-                gate: dict[str, Any] | None = None, soft_reset_keep: float = 0.5,
-                student: str | None = None) -> dict[str, Any]:
+                user_night_gpus: float | None = None, train_storage: str | None = None,
+                sleep_config: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
+                soft_reset_keep: float = 0.5, student: str | None = None) -> dict[str, Any]:
     """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`.
 
     `student`: None keeps the architecture; "search" or "search:<run_id>" distills into the best
@@ -326,8 +326,9 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
 
     Where it runs is configuration: unset (or empty) `ray_address`, `num_workers`, `use_gpu`,
     `user_night_gpus` and `train_storage` come from `Settings` (RAY_ADDRESS, REVERIE_SLEEP_WORKERS,
-    REVERIE_SLEEP_GPU, REVERIE_USER_NIGHT_GPUS, REVERIE_TRAIN_STORAGE or reverie.toml), so a Prefect worker's environment alone can point the
-    night at a Ray cluster, and a Ray job's entrypoint joins the cluster that runs it.
+    REVERIE_SLEEP_GPU, REVERIE_USER_NIGHT_GPUS, REVERIE_TRAIN_STORAGE or reverie.toml), so a Prefect
+    worker's environment alone can point the night at a Ray cluster, and a Ray job's entrypoint
+    joins the cluster that runs it.
     """
     logger = get_run_logger()
     settings = Settings.load()
