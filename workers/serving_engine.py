@@ -16,15 +16,17 @@ Durability contract (what a crash can lose):
   saves in flight; their turns are in the log, so the night's sleep still learns them.
   `save_interval_s: 0` saves after every turn. Saves of one user land in order; `flush` saves a
   user's pending state at once and waits, and `GET /v1/users/{id}` reports only saved state.
-  Serve's sticky routing is best effort (a busy replica, or a router that has not yet heard which
-  replica holds a user, sends the call elsewhere): a replica that does not hold the user answers
-  from the store, which can lag the replica that does by up to `save_interval_s`.
 - The in-memory LRU caches the saved states. Each user's turn count is also written to a small
   marker (`serving/turns/<user>.json`), read on every turn: if Serve ever routes a user to a
-  second replica, the first one notices its cached copy is stale and reloads it from the store,
-  so a state never forks. A user whose save is still in flight here is served from the cache
-  (nobody else can have a newer state); a user's state is read back from the store only after
-  their saves have finished.
+  second replica, the first one notices its cached copy is stale and reloads it from the store
+  before its next turn, so the two copies do not drift apart. A user whose save is still in
+  flight here is served from the cache; a user's state is read back from the store only after
+  their saves here have finished.
+- Serve's sticky routing is best effort: a busy replica, or a router that has not yet heard which
+  replica holds a user, sends the call elsewhere. That replica reads the store, which can lag the
+  one holding the user by up to `save_interval_s`: `GET /v1/users/{id}` answered there reports
+  the older saved state, and a turn taken there starts from it, so the fast-memory updates of the
+  other replica's unsaved turns are lost, as in a crash (the turns are in the log).
 
 Hot-swap: the registry's `current` pointer is polled between batches (at most every
 `poll_interval_s`); a new version is loaded between batches, so no request is dropped and each
