@@ -36,7 +36,8 @@ from prefect.artifacts import create_markdown_artifact
 from model.config import ModelConfig, config_of_manifest, preset
 from model.consolidation import SleepConfig, add_delta, architecture_night, dense_delta, model_from
 from model.corpus import embedded_corpus
-from model.evaluation import GateConfig, Fact, bpb, fact_from_text, gate_failures, recalled, relative_rise
+from model.evaluation import (GateConfig, Fact, bpb, fact_from_text, gate_failures, leakage_rate, recall_rate, recalled,
+                              relative_rise)
 from model.fast_state import FastState
 from model.lm import ReverieLM
 from pipelines.settings import Settings
@@ -262,12 +263,10 @@ def evaluate_night(data: str | None, night: Night, candidate: str, experience: d
     users = sorted(facts)
     for i, user in enumerate(users):
         if user in personal:
-            recalls.append(sum(recalled(personal[user], facts[user])) / len(facts[user]))
+            recalls.append(recall_rate(personal[user], facts[user]))
         known = recalled(served, facts[user])
         peers = [personal[u] for u in users[i + 1:] + users[:i] if u in personal][:gate.leakage_peers]
-        for foreign in [shared, *peers]:
-            hits = [h and not k for h, k in zip(recalled(foreign, facts[user]), known, strict=True)]
-            leaks.append(sum(hits) / len(hits))
+        leaks += [leakage_rate(foreign, facts[user], known) for foreign in [shared, *peers]]
     metrics["recall"] = sum(recalls) / len(recalls) if recalls else float("nan")
     metrics["leakage"] = max(leaks, default=0.0)
     metrics["users"] = len(personal)
