@@ -15,6 +15,7 @@ import torch
 
 from model.bitdelta import BitDelta, BitDeltaConfig, applied, compress, distill_scales, select_matrices
 from model.config import ModelConfig
+from model.consolidation import model_from
 from model.corpus import Corpus, as_tensor, random_batch
 from model.lm import ReverieLM
 from model.personalize import PersonalizeConfig, personalize
@@ -62,9 +63,7 @@ def round_version(base_version: str, run_tag: str, server_round: int) -> str:
 def build_model(config: ModelConfig | str, weights: dict[str, torch.Tensor]) -> ReverieLM:
     if isinstance(config, str):
         config = ModelConfig.from_dict(json.loads(config))
-    model = ReverieLM(config)
-    model.load_state_dict(weights)
-    return model.eval()
+    return model_from(config, weights).eval()
 
 
 def matrix_shapes(model: ReverieLM, select: str) -> dict[str, tuple[int, ...]]:
