@@ -111,7 +111,8 @@ def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: i
     output gate), any strides; bias: (d,) the gate's; h0: (batch, d); sign: +1 for a = sigmoid(z),
     -1 for a = exp(-softplus(z)) = sigmoid(-z). -> out (batch, T, d) in proj's dtype, h_{T-1}
     (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles are arguments
-    for the tests and bench/gpu_suite.py's sweep.
+    for the tests' small shapes (bench/gpu_suite.py sweeps them on `gated_scan_forward` and
+    `gated_scan_backward`, the kernels alone).
 
     Why: unfused, the gates and the output gate are elementwise kernels around the scan that write
     and read a, (1 - a) x and h in float32, ~32 bytes an element forward where this reads proj and

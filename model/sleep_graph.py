@@ -45,8 +45,8 @@ def on_device(rows: Tensor, device: torch.device | str) -> Tensor:
 class GraphedSleepStep:
     """Runs a night's steps: the first WARMUP_STEPS eagerly on a side stream, then `train_on`
     captured once over a static chunk of bytes, each later step a copy into it and a replay, all
-    with the attention backends of ATTENTION. The
-    graph's outputs (loss terms, check) are overwritten by the next replay, so a call returns copies.
+    with the attention backends of ATTENTION. The graph's outputs (loss terms, check) are
+    overwritten by the next replay, so a call returns copies.
 
     train_on: one whole optimizer step over a (rows, T + 1) uint8 tensor on the device, without
     host syncs, the same function every call. optimizer: its optimizer (capturable=True), whose
