@@ -81,8 +81,9 @@ def decode_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -
 
 def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
     """One eager step of `model.consolidation.consolidate` (`step_rows`, then `train_on`) as the
-    suite's shared bulk run times it: the student reads tonight's, earlier and rehearsal rows, the
-    teacher (with a user's state) tonight's."""
+    suite's shared bulk run times it: the student reads tonight's and rehearsal rows, the teacher
+    (with a user's state) tonight's. (Until session 16 the replay had earlier turns too, which the
+    suite's has not: a third more student rows than the step the suite times.)"""
     import random
 
     from model.consolidation import Replay, SleepConfig, TeacherState, step_rows, train_on
@@ -94,8 +95,7 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
         for model in (lm, teacher):
             model.compile_layers()
     texts = [f"user: remember that door {i} is blue. assistant: noted, door {i} is blue.".encode() for i in range(512)]
-    replay = Replay(texts=texts, state=warm_state(lm.config, 1, device, seed=7, start=4 * lm.config.span),
-                    earlier=texts[:64])
+    replay = Replay(texts=texts, state=warm_state(lm.config, 1, device, seed=7, start=4 * lm.config.span))
     rehearsal = torch.randint(32, 127, (200_000,), dtype=torch.uint8)
     anchor = {n: p.detach().clone() for n, p in lm.named_parameters()}
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95), fused=True)

@@ -28,10 +28,10 @@ from model.kernels import triton_kernels
 # (64, 256), (32, 512), and at 63-81% of the copy bandwidth: e.g. (192, 256) forward 0.13 ms,
 # backward 0.22 ms, where the log-depth torch scan takes 13.7 ms for both.
 BLOCK_T, BLOCK_D, NUM_WARPS = 64, 32, 4
-# The gated kernels (`gated_scan`) keep more tiles live: on the H200 the backward at 16 x 2048 x 768
-# took 0.45 ms with 32-step chunks against 0.64 ms with 64, the forward 0.26 against 0.24 ms
-# (the best of 5 tilings each; bench/gpu_suite.py `gated_scan`, session 14).
-GATED_BLOCK_T = 32
+# The gated kernels (`gated_scan`) walk each channel through time in a thread, GATED_BLOCK_T steps
+# unrolled, one channel a thread (GATED_BLOCK_D over 4 warps), and split time into segments until
+# the grid has GATED_PROGRAMS programs: a batch of 16 rows has only 16 * 768 threads of channels.
+GATED_BLOCK_T, GATED_BLOCK_D, GATED_PROGRAMS = 16, 128, 1024
 
 
 def affine_scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -105,20 +105,35 @@ class _TritonScan(torch.autograd.Function):
 
 
 def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int = GATED_BLOCK_T,
-               block_d: int = BLOCK_D, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+               block_d: int = GATED_BLOCK_D, num_warps: int = NUM_WARPS, segments: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mixer's gates, scan and output gate as one Triton pass each way (`gated_scan_reference`
     is what it computes). proj: (batch, T, 3d), the input projection (gate pre-activation, input,
     output gate), any strides; bias: (d,) the gate's; h0: (batch, d); sign: +1 for a = sigmoid(z),
     -1 for a = exp(-softplus(z)) = sigmoid(-z). -> out (batch, T, d) in proj's dtype, h_{T-1}
-    (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles are arguments
-    for the tests' small shapes (bench/gpu_suite.py sweeps them on `gated_scan_forward` and
-    `gated_scan_backward`, the kernels alone).
+    (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles and the
+    segments of time (None: `gated_segments`) are arguments for the tests' small shapes
+    (bench/gpu_suite.py sweeps them on `gated_scan_forward` and `gated_scan_backward`, the kernels
+    alone).
 
     Why: unfused, the gates and the output gate are elementwise kernels around the scan that write
     and read a, (1 - a) x and h in float32, ~32 bytes an element forward where this reads proj and
-    writes out (8 at bf16); the backward keeps h only at chunk starts and recomputes it.
+    writes out and, for the backward, h (10 at bf16). Until session 16 the kernels scanned a
+    (steps x channels) tile with `tl.associative_scan` and kept h only at chunk starts: they ran at
+    0.5-1.2 TB/s on an H200 (bench/NOTES.md), bound by the scan's instructions, not its bytes.
     """
-    return _GatedScan.apply(proj, bias, h0, sign, block_t, block_d, num_warps)
+    return _GatedScan.apply(proj, bias, h0, sign, (block_t, block_d, num_warps, segments))
+
+
+def gated_segments(batch: int, length: int, d: int, block_t: int, block_d: int, segments: int | None = None
+                   ) -> tuple[int, int]:
+    """(segments, steps a segment): time cut into whole chunks of block_t steps, as many segments as
+    asked, or (None) as many as bring the grid to GATED_PROGRAMS programs, one at least."""
+    chunks = -(-length // block_t)
+    if segments is None:
+        segments = -(-GATED_PROGRAMS // (batch * -(-d // block_d)))
+    per_segment = -(-chunks // max(1, min(segments, chunks)))
+    return -(-chunks // per_segment), per_segment * block_t
 
 
 def gated_scan_reference(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int
@@ -139,61 +154,79 @@ def opaque_gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, 
 
 
 class _GatedScan(torch.autograd.Function):
-    """model/scan_kernel.py's gated kernels. Saves proj and the chunks' incoming h (1/BLOCK_T of h)."""
+    """model/scan_kernel.py's gated kernels. Saves proj and h (in proj's dtype) when a gradient is wanted."""
 
     @staticmethod
-    def forward(ctx, proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int,
-                block_d: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int,
+                tiles: tuple[int, int, int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tiles: block_t, block_d, num_warps, segments (`gated_scan`'s)."""
         batch, length, width = proj.shape
         d = width // 3
         if width != 3 * d or bias.shape != (d,) or h0.shape != (batch, d):
             raise ValueError(f"gated_scan expects proj (batch, T, 3d), bias (d,) and h0 (batch, d); got proj "
                              f"{tuple(proj.shape)}, bias {tuple(bias.shape)}, h0 {tuple(h0.shape)}")
-        tiles = sign, block_t, block_d, num_warps
         bias32 = bias.float().contiguous()
-        out, h_last, checkpoints = gated_scan_forward(proj, bias32, h0.float().contiguous(), *tiles)
-        ctx.save_for_backward(proj, bias32, checkpoints)
-        ctx.settings = tiles, bias.dtype, h0.dtype
+        backward = any(ctx.needs_input_grad[:3])
+        out, h_last, h = gated_scan_forward(proj, bias32, h0.float().contiguous(), sign, *tiles, store_h=backward)
+        if backward:
+            ctx.save_for_backward(proj, bias32, h)
+        ctx.settings = sign, tiles, bias.dtype, h0.dtype
         return out, h_last
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor, d_last: torch.Tensor):
-        proj, bias32, checkpoints = ctx.saved_tensors
-        tiles, bias_dtype, h0_dtype = ctx.settings
-        d_proj, d_bias, d_h0 = gated_scan_backward(proj, bias32, checkpoints, d_out, d_last.float().contiguous(),
-                                                   *tiles)
-        return d_proj, d_bias.sum(0).to(bias_dtype), d_h0.to(h0_dtype), None, None, None, None
+        proj, bias32, h = ctx.saved_tensors
+        sign, tiles, bias_dtype, h0_dtype = ctx.settings
+        d_proj, d_bias, d_h0 = gated_scan_backward(proj, bias32, h, d_out, d_last.float().contiguous(), sign, *tiles)
+        return d_proj, d_bias.to(bias_dtype), d_h0.to(h0_dtype), None, None
 
 
 def gated_scan_forward(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int,
-                       block_d: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward kernel's launch (bias, h0: float32, contiguous) -> out, h_last, checkpoints. Apart
-    from the autograd function so that bench/gpu_suite.py can time the kernels alone."""
+                       block_d: int, num_warps: int, segments: int | None = None, store_h: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward kernels' launches (bias, h0: float32, contiguous) -> out, h_last, h (None unless
+    store_h). Apart from the autograd function so that bench/gpu_suite.py can time the kernels alone."""
     batch, length, width = proj.shape
     d = width // 3
+    n_segments, segment_len = gated_segments(batch, length, d, block_t, block_d, segments)
+    kernels = triton_kernels("model.scan_kernel")
     out = torch.empty(batch, length, d, dtype=proj.dtype, device=proj.device)
+    h = torch.empty(batch, length, d, dtype=proj.dtype, device=proj.device) if store_h else out
     h_last = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
-    checkpoints = torch.empty(batch, -(-length // block_t), d, dtype=torch.float32, device=proj.device)
-    triton_kernels("model.scan_kernel").gated_forward_kernel[(batch, -(-d // block_d))](
-        proj, bias, h0, out, h_last, checkpoints, *proj.stride(), length, d,
-        SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
-    return out, h_last, checkpoints
+    summary = torch.empty(batch, n_segments, 2, d, dtype=torch.float32, device=proj.device)
+    blocks = -(-d // block_d)
+    if n_segments > 1:
+        kernels.gated_summary_kernel[(batch, blocks, n_segments - 1)](
+            proj, bias, summary, *proj.stride(), length, d, segment_len, n_segments,
+            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    kernels.gated_forward_kernel[(batch, blocks, n_segments)](
+        proj, bias, h0, out, h, h_last, summary, *proj.stride(), length, d, segment_len, n_segments,
+        STORE_H=store_h, SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return out, h_last, h if store_h else None
 
 
-def gated_scan_backward(proj: torch.Tensor, bias: torch.Tensor, checkpoints: torch.Tensor, d_out: torch.Tensor,
-                        d_last: torch.Tensor, sign: int, block_t: int, block_d: int, num_warps: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernel's launch (d_last: float32, contiguous) -> d_proj, each row's d_bias
-    (batch, d), d_h0."""
+def gated_scan_backward(proj: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, d_out: torch.Tensor,
+                        d_last: torch.Tensor, sign: int, block_t: int, block_d: int, num_warps: int,
+                        segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels' launches (d_last: float32, contiguous; h: the forward's) -> d_proj,
+    d_bias (d,), d_h0."""
     batch, length, width = proj.shape
     d = width // 3
+    n_segments, segment_len = gated_segments(batch, length, d, block_t, block_d, segments)
+    kernels = triton_kernels("model.scan_kernel")
     d_proj = torch.empty(batch, length, width, dtype=proj.dtype, device=proj.device)
-    d_bias = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
+    d_bias = torch.empty(batch, n_segments, d, dtype=torch.float32, device=proj.device)
     d_h0 = torch.empty(batch, d, dtype=torch.float32, device=proj.device)
-    triton_kernels("model.scan_kernel").gated_backward_kernel[(batch, -(-d // block_d))](
-        proj, bias, checkpoints, d_out, d_last, d_proj, d_bias, d_h0, *proj.stride(), *d_out.stride(), length, d,
-        SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
-    return d_proj, d_bias, d_h0
+    summary = torch.empty(batch, n_segments, 2, d, dtype=torch.float32, device=proj.device)
+    blocks = -(-d // block_d)
+    if n_segments > 1:
+        kernels.gated_backward_summary_kernel[(batch, blocks, n_segments - 1)](
+            proj, bias, d_out, summary, *proj.stride(), *d_out.stride(), length, d, segment_len, n_segments,
+            SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    kernels.gated_backward_kernel[(batch, blocks, n_segments)](
+        proj, bias, h, d_out, d_last, d_proj, d_bias, d_h0, summary, *proj.stride(), *d_out.stride(), length, d,
+        segment_len, n_segments, SIGN=sign, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return d_proj, d_bias.sum((0, 1)), d_h0
 
 
 def log_depth_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -80,85 +80,167 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A gated program's batch row, its BLOCK_D channels (and which are inside d), the steps of a
-    chunk, the pointers to its channels' gate pre-activations in proj (x and o follow at d and 2d
-    channels) and its channels' gate biases (1, BLOCK_D)."""
+def _gated_program(proj, bias, sp_b, sp_d, length, d, segment_len, BLOCK_D: tl.constexpr):
+    """A gated program's batch row, its BLOCK_D channels (and which are inside d), the pointer to its
+    channels' gate pre-activations in proj (x and o follow at d and 2d channels), their gate biases,
+    and its segment of time: the segment's index, [begin, stop), and stop again as a vector of
+    BLOCK_D copies for masks (Triton's interpreter gives a scalar comparison and-ed with a vector
+    an integer type, which a mask may not have; a vector comparison stays boolean)."""
     row = tl.program_id(0).to(tl.int64)
     channel = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = channel < d
-    bias_c = tl.load(bias + channel, mask=in_d, other=0.0)[None, :]
-    return row, channel, tl.arange(0, BLOCK_T), in_d, proj + row * sp_b + channel[None, :] * sp_d, bias_c
+    bias_c = tl.load(bias + channel, mask=in_d, other=0.0)
+    segment = tl.program_id(2)
+    begin = segment * segment_len
+    stop = tl.minimum(begin + segment_len, length)
+    return row, channel, in_d, proj + row * sp_b + channel * sp_d, bias_c, segment, begin, stop, stop + 0 * channel
 
 
 @triton.jit
-def gated_forward_kernel(proj, bias, h0, out, h_last, checkpoints, sp_b, sp_t, sp_d, length, d,
+def _retention(gate, t, sp_t, bias_c, mask, SIGN: tl.constexpr):
+    """a_t = sigmoid(SIGN * (z_t + bias)) where mask holds, 1 (the identity step) elsewhere."""
+    z = tl.load(gate + t * sp_t, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, _sigmoid(SIGN * (z + bias_c)), 1.0)
+
+
+@triton.jit
+def gated_summary_kernel(proj, bias, summary, sp_b, sp_t, sp_d, length, d, segment_len, n_segments,
                          SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each segment's affine map h_end = A h_begin + B (all but the last segment): A the product of
+    its a, B its h from zero, into summary (batch, segments, 2, d). `gated_forward_kernel` composes
+    the earlier segments' maps into its carry, so segments of one row run side by side."""
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
+                                                                          segment_len, BLOCK_D)
+    product = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+    h = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(begin, stop, BLOCK_T):
+        for i in tl.static_range(BLOCK_T):
+            t = start + i
+            inside = in_d & (t < end)
+            a = _retention(gate, t, sp_t, bias_c, inside, SIGN)
+            x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
+            h = a * h + (1.0 - a) * x
+            product *= a
+    summary += (row * n_segments + segment) * 2 * d + channel
+    tl.store(summary, product, mask=in_d)
+    tl.store(summary + d, h, mask=in_d)
+
+
+@triton.jit
+def gated_forward_kernel(proj, bias, h0, out, h_all, h_last, summary, sp_b, sp_t, sp_d, length, d, segment_len,
+                         n_segments, STORE_H: tl.constexpr, SIGN: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     """The mixer from its input projection to its output gate, in one pass (`model.scan.gated_scan`):
     proj (batch, T, 3d), any strides, holds each step's gate pre-activation z, input x and output
     gate o; a = sigmoid(SIGN * (z + bias)), h_t = a * h_{t-1} + (1 - a) * x from h0 (batch, d), and
-    out = h * silu(o) (batch, T, d) in proj's dtype. Also stores h_last = h_{T-1} and each chunk's
-    incoming h (checkpoints, (batch, chunks, d)), from which the backward recomputes h."""
-    row, channel, step, in_d, gate, bias_c = _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T, BLOCK_D)
-    carry = tl.load(h0 + row * d + channel, mask=in_d, other=0.0)
-    out += row * length * d + channel[None, :]
-    checkpoints += row * tl.cdiv(length, BLOCK_T) * d + channel
-    for start in range(0, length, BLOCK_T):
-        tl.store(checkpoints + (start // BLOCK_T) * d, carry, mask=in_d)
-        t = start + step[:, None]
-        inside = (t < length) & in_d[None, :]
-        z = tl.load(gate + t * sp_t, mask=inside, other=0.0).to(tl.float32) + bias_c
-        x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        a = tl.where(inside, _sigmoid(SIGN * z), 1.0)
-        a_cum, b_cum = tl.associative_scan((a, (1.0 - a) * x), 0, _compose)
-        h = a_cum * carry[None, :] + b_cum
-        o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out + t * d, h * o * _sigmoid(o), mask=inside)
-        carry = tl.sum(tl.where(step[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
-    tl.store(h_last + row * d + channel, carry, mask=in_d)
+    out = h * silu(o) (batch, T, d) in proj's dtype; with STORE_H, h_all = h (batch, T, d) in proj's
+    dtype for the backward. h_last = h_{T-1}.
+
+    Each thread walks its channel through time one step after another, BLOCK_T steps unrolled so
+    that their loads are in flight together; a program owns one segment of time, starting from the
+    carry that the earlier segments' summaries compose (`gated_summary_kernel`)."""
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
+                                                                          segment_len, BLOCK_D)
+    h = tl.load(h0 + row * d + channel, mask=in_d, other=0.0)
+    summary += row * n_segments * 2 * d + channel
+    for earlier in range(0, segment):
+        h = tl.load(summary + earlier * 2 * d, mask=in_d, other=1.0) * h + tl.load(
+            summary + earlier * 2 * d + d, mask=in_d, other=0.0)
+    out += row * length * d + channel
+    h_all += row * length * d + channel
+    for start in range(begin, stop, BLOCK_T):
+        for i in tl.static_range(BLOCK_T):
+            t = start + i
+            inside = in_d & (t < end)
+            a = _retention(gate, t, sp_t, bias_c, inside, SIGN)
+            x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
+            o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
+            h = a * h + (1.0 - a) * x
+            tl.store(out + t * d, (h * o * _sigmoid(o)).to(out.dtype.element_ty), mask=inside)
+            if STORE_H:
+                tl.store(h_all + t * d, h.to(h_all.dtype.element_ty), mask=inside)
+    if segment == n_segments - 1:
+        tl.store(h_last + row * d + channel, h, mask=in_d)
 
 
 @triton.jit
-def gated_backward_kernel(proj, bias, checkpoints, d_out, d_last, d_proj, d_bias, d_h0, sp_b, sp_t, sp_d,
-                          so_b, so_t, so_d, length, d,
+def _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, mask):
+    """o_t, sigmoid(o_t), d_out_t and dh_t = d_out_t o_t sigmoid(o_t): what out = h silu(o) sends back to h_t."""
+    o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(o)
+    g_out = tl.load(d_out + t * so_t, mask=mask, other=0.0).to(tl.float32)
+    return o, s, g_out, g_out * o * s
+
+
+@triton.jit
+def gated_backward_summary_kernel(proj, bias, d_out, summary, sp_b, sp_t, sp_d, so_b, so_t, so_d, length, d,
+                                  segment_len, n_segments, SIGN: tl.constexpr, BLOCK_T: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+    """Each segment's map of the adjoint backwards, G_begin = P G_(next begin) + Q (all but the first
+    segment; the program's segment is program_id(2) + 1): P the product of a_{t+1} over it (a_T = 1),
+    Q its G_begin from zero. G_t = dh_t + a_{t+1} G_{t+1}, as in `gated_backward_kernel`."""
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
+                                                                          segment_len, BLOCK_D)
+    segment += 1
+    begin += segment_len
+    stop = tl.minimum(stop + segment_len, length)
+    end = stop + 0 * channel
+    d_out += row * so_b + channel * so_d
+    a_next = _retention(gate, stop, sp_t, bias_c, in_d & (end < length), SIGN)
+    product = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for chunk in range(tl.cdiv(stop - begin, BLOCK_T) - 1, -1, -1):
+        for i in tl.static_range(BLOCK_T):
+            t = begin + chunk * BLOCK_T + (BLOCK_T - 1 - i)
+            inside = in_d & (t < end)
+            _, _, _, dh = _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, inside)
+            g = tl.where(inside, dh + a_next * g, g)
+            product = tl.where(inside, product * a_next, product)
+            a_next = tl.where(inside, _retention(gate, t, sp_t, bias_c, inside, SIGN), a_next)
+    summary += (row * n_segments + segment) * 2 * d + channel
+    tl.store(summary, product, mask=in_d)
+    tl.store(summary + d, g, mask=in_d)
+
+
+@triton.jit
+def gated_backward_kernel(proj, bias, h_all, d_out, d_last, d_proj, d_bias, d_h0, summary, sp_b, sp_t, sp_d,
+                          so_b, so_t, so_d, length, d, segment_len, n_segments,
                           SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The gradient of `gated_forward_kernel`, chunks from the last. In each chunk h is recomputed
-    from the chunk's checkpoint, then the adjoint G_t = dh_t + a_{t+1} * G_{t+1} is scanned
-    backwards with the carry from the chunk after. da_t = G_t (h_{t-1} - x_t), and since
-    a_t h_{t-1} = h_t - (1 - a_t) x_t, dz = SIGN * da * a (1 - a) = SIGN * G (h - x) (1 - a): no
-    h_{t-1}. dx = G (1 - a), do = d_out h silu'(o), d_h0 = G_0 a_0.
-    d_out: (batch, T, d), any strides; d_last: the gradient of h_last (zeros if unused); d_proj
-    (batch, T, 3d) contiguous, proj's dtype; d_bias: (batch, d), each row's sum over time."""
-    row, channel, step, in_d, gate, bias_c = _gated_tile(proj, bias, sp_b, sp_d, d, BLOCK_T, BLOCK_D)
-    d_out += row * so_b + channel[None, :] * so_d
-    d_proj += row * length * 3 * d + channel[None, :]
-    checkpoints += row * tl.cdiv(length, BLOCK_T) * d + channel
-    last_g = tl.load(d_last + row * d + channel, mask=in_d, other=0.0)[None, :]
-    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    """The gradient of `gated_forward_kernel`, each thread walking its channel backwards in time
+    through its program's segment. The adjoint G_t = dh_t + a_{t+1} G_{t+1} starts from d_last
+    (the gradient of h_last) and the later segments' summaries (`gated_backward_summary_kernel`).
+    From h_t (the forward's h_all): da_t = G_t (h_{t-1} - x_t), and since a_t h_{t-1} = h_t - (1 -
+    a_t) x_t, dz = SIGN * da * a (1 - a) = SIGN * G (h - x) (1 - a); dx = G (1 - a), do = d_out h
+    silu'(o), d_h0 = G_0 a_0. d_out: (batch, T, d), any strides; d_proj (batch, T, 3d) contiguous,
+    proj's dtype; d_bias: (batch, segments, d), each program's sum over its time."""
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
+                                                                          segment_len, BLOCK_D)
+    g = tl.load(d_last + row * d + channel, mask=in_d, other=0.0)
+    summary += row * n_segments * 2 * d + channel
+    for later in range(n_segments - 1, segment, -1):
+        g = tl.load(summary + later * 2 * d, mask=in_d, other=1.0) * g + tl.load(
+            summary + later * 2 * d + d, mask=in_d, other=0.0)
+    a_next = _retention(gate, stop, sp_t, bias_c, in_d & (end < length), SIGN)
+    d_out += row * so_b + channel * so_d
+    h_all += row * length * d + channel
+    d_proj += row * length * 3 * d + channel
     bias_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for chunk in range(tl.cdiv(length, BLOCK_T) - 1, -1, -1):
-        t = chunk * BLOCK_T + step[:, None]
-        inside = (t < length) & in_d[None, :]
-        z = tl.load(gate + t * sp_t, mask=inside, other=0.0).to(tl.float32) + bias_c
-        x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        a = tl.where(inside, _sigmoid(SIGN * z), 1.0)
-        a_cum, b_cum = tl.associative_scan((a, (1.0 - a) * x), 0, _compose)
-        h = a_cum * tl.load(checkpoints + chunk * d, mask=in_d, other=0.0)[None, :] + b_cum
-        o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
-        s = _sigmoid(o)
-        g_out = tl.load(d_out + t * so_t, mask=inside, other=0.0).to(tl.float32)
-        dh = g_out * o * s + tl.where(t == length - 1, last_g, 0.0)
-        after = (t + 1 < length) & in_d[None, :]
-        z_next = tl.load(gate + (t + 1) * sp_t, mask=after, other=0.0).to(tl.float32) + bias_c
-        a_back, g_back = tl.associative_scan((tl.where(after, _sigmoid(SIGN * z_next), 0.0), dh), 0, _compose,
-                                             reverse=True)
-        g = a_back * carry[None, :] + g_back
-        dz = SIGN * g * (h - x) * (1.0 - a)
-        tl.store(d_proj + t * 3 * d, dz, mask=inside)
-        tl.store(d_proj + t * 3 * d + d, g * (1.0 - a), mask=inside)
-        tl.store(d_proj + t * 3 * d + 2 * d, g_out * h * s * (1.0 + o * (1.0 - s)), mask=inside)
-        bias_sum += tl.sum(tl.where(inside, dz, 0.0), axis=0)
-        carry = tl.sum(tl.where(step[:, None] == 0, g, 0.0), axis=0)
-    a_first = _sigmoid(SIGN * (tl.load(gate, mask=in_d[None, :], other=0.0).to(tl.float32) + bias_c))
-    tl.store(d_h0 + row * d + channel, carry * tl.sum(a_first, axis=0), mask=in_d)
-    tl.store(d_bias + row * d + channel, bias_sum, mask=in_d)
+    for chunk in range(tl.cdiv(stop - begin, BLOCK_T) - 1, -1, -1):
+        for i in tl.static_range(BLOCK_T):
+            t = begin + chunk * BLOCK_T + (BLOCK_T - 1 - i)
+            inside = in_d & (t < end)
+            a = _retention(gate, t, sp_t, bias_c, inside, SIGN)
+            x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
+            h = tl.load(h_all + t * d, mask=inside, other=0.0).to(tl.float32)
+            o, s, g_out, dh = _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, inside)
+            g = tl.where(inside, dh + a_next * g, g)
+            dz = SIGN * g * (h - x) * (1.0 - a)
+            kind = d_proj.dtype.element_ty
+            tl.store(d_proj + t * 3 * d, dz.to(kind), mask=inside)
+            tl.store(d_proj + t * 3 * d + d, (g * (1.0 - a)).to(kind), mask=inside)
+            tl.store(d_proj + t * 3 * d + 2 * d, (g_out * h * s * (1.0 + o * (1.0 - s))).to(kind), mask=inside)
+            bias_sum += tl.where(inside, dz, 0.0)
+            a_next = tl.where(inside, a, a_next)
+    if segment == 0:
+        tl.store(d_h0 + row * d + channel, g * a_next, mask=in_d)
+    tl.store(d_bias + (row * n_segments + segment) * d + channel, bias_sum, mask=in_d)

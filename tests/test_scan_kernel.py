@@ -1,7 +1,7 @@
 """The Triton scans (model/scan_kernel.py) against their references, in Triton's interpreter.
 
 Tiles of 8 steps x 4 channels, so that small tensors cover several chunks, a last chunk cut short
-by T and a channel block cut short by d.
+by T and a channel block cut short by d; the gated kernels also in several segments of time.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from model.scan import affine_scan_reference, gated_scan, gated_scan_reference, 
 pytest.importorskip("triton")
 
 BLOCKS = {"block_t": 8, "block_d": 4}
+GATED_BLOCKS = {**BLOCKS, "segments": 1}
 SHAPES = [(2, 37, 10), (2, 16, 8), (1, 1, 3), (3, 9, 5)]  # (batch, T, d)
 
 
@@ -79,16 +80,17 @@ def with_grads(scan, inputs: list[torch.Tensor], sign: int, d_out: torch.Tensor,
     return [out.detach(), h_last.detach(), *grads]
 
 
-@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("sign, segments", [(1, 1), (-1, 1), (1, 3), (-1, 2)])
 @pytest.mark.parametrize("batch, length, d", SHAPES)
-def test_the_gated_scan_and_its_gradients_equal_the_reference(batch, length, d, sign):
+def test_the_gated_scan_and_its_gradients_equal_the_reference(batch, length, d, sign, segments):
     """Forward and every gradient (proj's three parts, the gate bias, the carry in, through both
-    outputs) against autograd of the torch composition in float64; chunks of 8 steps, so T=37
-    checks the backward's recomputation of h from each chunk's checkpoint."""
+    outputs) against autograd of the torch composition in float64; chunks of 8 steps, so T=37 has
+    5 chunks, cut into 3 segments of 2, 2 and 1 (the summaries of earlier segments carried forwards,
+    of later ones backwards), or 2 of 3 and 2."""
     proj, bias, h0, d_out, d_last = gated_inputs(batch, length, d, seed=length + d)
     want = with_grads(gated_scan_reference, [proj, bias, h0], sign, d_out, d_last)
     got = with_grads(gated_scan, [proj.float(), bias.float(), h0.float()], sign, d_out.float(), d_last.float(),
-                     **BLOCKS)
+                     **{**BLOCKS, "segments": segments})
     for name, g, w in zip(("out", "h_last", "d_proj", "d_bias", "d_h0"), got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -99,8 +101,9 @@ def test_a_bfloat16_strided_projection_gives_the_float32_result_to_bfloat16_prec
     proj, bias, h0, d_out, d_last = gated_inputs(2, 21, 6, seed=5)
     wide = torch.cat([proj, proj[..., :6]], dim=-1).bfloat16()[..., :18]
     assert not wide.is_contiguous()
-    got = with_grads(gated_scan, [wide, bias.float(), h0.float()], 1, d_out.bfloat16(), d_last.float(), **BLOCKS)
-    want = with_grads(gated_scan, [wide.float(), bias.float(), h0.float()], 1, d_out.float(), d_last.float(), **BLOCKS)
+    got = with_grads(gated_scan, [wide, bias.float(), h0.float()], 1, d_out.bfloat16(), d_last.float(), **GATED_BLOCKS)
+    want = with_grads(gated_scan, [wide.float(), bias.float(), h0.float()], 1, d_out.float(), d_last.float(),
+                      **GATED_BLOCKS)
     assert got[0].dtype == got[2].dtype == torch.bfloat16 and got[1].dtype == got[3].dtype == torch.float32
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=2e-2)
