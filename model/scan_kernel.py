@@ -104,6 +104,15 @@ def _retention(gate, t, sp_t, bias_c, mask, SIGN: tl.constexpr):
 
 
 @triton.jit
+def _step_inputs(gate, t, sp_t, sp_d, d, mask):
+    """Step t's gate pre-activation z, input x and output gate o, float32 (zeros where masked)."""
+    step = gate + t * sp_t
+    return (tl.load(step, mask=mask, other=0.0).to(tl.float32),
+            tl.load(step + d * sp_d, mask=mask, other=0.0).to(tl.float32),
+            tl.load(step + 2 * d * sp_d, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def gated_summary_kernel(proj, bias, summary, sp_b, sp_t, sp_d, length, d, segment_len, n_segments,
                          SIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Each segment's affine map h_end = A h_begin + B (all but the last segment): A the product of
@@ -149,12 +158,14 @@ def gated_forward_kernel(proj, bias, h0, out, h_all, h_last, summary, sp_b, sp_t
     out += row * length * d + channel
     h_all += row * length * d + channel
     for start in range(begin, stop, BLOCK_T):
+        loaded = ()  # the chunk's loads first: a store between them would leave each step's loads waiting
+        for i in tl.static_range(BLOCK_T):
+            loaded = loaded + (_step_inputs(gate, start + i, sp_t, sp_d, d, in_d & (start + i < end)),)
         for i in tl.static_range(BLOCK_T):
             t = start + i
             inside = in_d & (t < end)
-            a = _retention(gate, t, sp_t, bias_c, inside, SIGN)
-            x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
-            o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=inside, other=0.0).to(tl.float32)
+            z, x, o = loaded[i]
+            a = tl.where(inside, _sigmoid(SIGN * (z + bias_c)), 1.0)
             h = a * h + (1.0 - a) * x
             tl.store(out + t * d, (h * o * _sigmoid(o)).to(out.dtype.element_ty), mask=inside)
             if STORE_H:
@@ -225,17 +236,23 @@ def gated_backward_kernel(proj, bias, h_all, d_out, d_last, d_proj, d_bias, d_h0
     h_all += row * length * d + channel
     d_proj += row * length * 3 * d + channel
     bias_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kind = d_proj.dtype.element_ty
     for chunk in range(tl.cdiv(stop - begin, BLOCK_T) - 1, -1, -1):
+        last = begin + chunk * BLOCK_T + BLOCK_T - 1
+        loaded = ()  # the chunk's loads first, as in the forward
         for i in tl.static_range(BLOCK_T):
-            t = begin + chunk * BLOCK_T + (BLOCK_T - 1 - i)
+            inside = in_d & (last - i < end)
+            z, x, o = _step_inputs(gate, last - i, sp_t, sp_d, d, inside)
+            loaded = loaded + ((z, x, o, tl.load(d_out + (last - i) * so_t, mask=inside, other=0.0).to(tl.float32),
+                                tl.load(h_all + (last - i) * d, mask=inside, other=0.0).to(tl.float32)),)
+        for i in tl.static_range(BLOCK_T):
+            t = last - i
             inside = in_d & (t < end)
-            a = _retention(gate, t, sp_t, bias_c, inside, SIGN)
-            x = tl.load(gate + t * sp_t + d * sp_d, mask=inside, other=0.0).to(tl.float32)
-            h = tl.load(h_all + t * d, mask=inside, other=0.0).to(tl.float32)
-            o, s, g_out, dh = _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, inside)
-            g = tl.where(inside, dh + a_next * g, g)
+            z, x, o, g_out, h = loaded[i]
+            a = tl.where(inside, _sigmoid(SIGN * (z + bias_c)), 1.0)
+            s = _sigmoid(o)
+            g = tl.where(inside, g_out * o * s + a_next * g, g)
             dz = SIGN * g * (h - x) * (1.0 - a)
-            kind = d_proj.dtype.element_ty
             tl.store(d_proj + t * 3 * d, dz.to(kind), mask=inside)
             tl.store(d_proj + t * 3 * d + d, (g * (1.0 - a)).to(kind), mask=inside)
             tl.store(d_proj + t * 3 * d + 2 * d, (g_out * h * s * (1.0 + o * (1.0 - s))).to(kind), mask=inside)
