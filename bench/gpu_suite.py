@@ -308,13 +308,13 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     def gated_scan() -> dict:
         """model.scan.gated_scan (float32) against the float64 torch composition, forward and every
-        gradient, in one segment of time and in several; then each kernel's time alone, bfloat16
-        at d=768 (training's 16 x 2048 and the sleep's 128 x 256), for a few tilings, the model's
-        first, and the rate of the bytes each must move (forward: proj in, out and h back, 10 B an
-        element; backward: proj, h, d_out in, d_proj back, 16 B; segments add a summary pass that
-        reads 4 and 6 B more), to hold against the copy bandwidth."""
-        from model.scan import (GATED_BLOCK_D, GATED_BLOCK_T, NUM_WARPS, gated_scan, gated_scan_backward,
-                                gated_scan_forward, gated_scan_reference, gated_segments)
+        gradient, in one segment of time and in several; then each direction's kernels alone,
+        bfloat16 at d=768 (training's 16 x 2048 and the sleep's 128 x 256), for a few tilings, the
+        model's first, and the rate of the bytes each must move (forward: proj in, out and h back,
+        10 B an element; backward: proj, h, d_out in, d_proj back, 16 B; segments add a summary
+        pass that reads 4 and 6 B more), to hold against the copy bandwidth."""
+        from model.scan import (GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D, GATED_FORWARD_BLOCK_T, NUM_WARPS, gated_scan,
+                                gated_scan_backward, gated_scan_forward, gated_scan_reference, gated_segments)
 
         g = torch.Generator(device=device).manual_seed(3)
 
@@ -337,21 +337,32 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         for segments in (1, 3, None):
             got = run(gated_scan, proj, bias, h0, d_out, d_last, segments=segments)
             errors[f"segments {segments}"] = max(rel_err(a, b) for a, b in zip(got, want))
+        def kernel_ms(fn: Callable[[], object], reps: int = 10) -> float:
+            """GPU time of one fn() call: a CUDA graph of it replayed reps times between two events,
+            so that the host's launches (tens of microseconds, against kernels of ~0.1-0.3 ms) are
+            not in it, as they were in session 16's first sweeps."""
+            replay = graphed(fn)
+            return time_ms(lambda: [replay() for _ in range(reps)], device, repeat=10)["ms"] / reps
+
         kernels = {}
-        default = (GATED_BLOCK_T, GATED_BLOCK_D, NUM_WARPS, None)
-        tilings = (default, (32, 128, 4, None), (8, 128, 4, None), (16, 256, 4, None), (16, 128, 4, 1))
+        forward_tilings = ((GATED_FORWARD_BLOCK_T, GATED_BLOCK_D, NUM_WARPS, None), (8, 128, 4, None),
+                           (32, 128, 4, None), (16, 256, 4, None), (16, 128, 4, 1))
+        backward_tilings = ((GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D, NUM_WARPS, None), (4, 128, 4, None),
+                            (16, 128, 4, None), (8, 256, 4, None), (8, 128, 4, 1))
         for batch, length in ((16, 2048), (128, 256)):
             proj, bias, h0, d_out, d_last = inputs(batch, length, 768, torch.bfloat16)
             elements = batch * length * 768
-            for tiles in tilings:
-                segments, _ = gated_segments(batch, length, 768, tiles[0], tiles[1], tiles[3])
-                _, _, h = gated_scan_forward(proj, bias, h0, 1, *tiles)
-                forward = time_ms(lambda: gated_scan_forward(proj, bias, h0, 1, *tiles), device, repeat=20)["ms"]
-                backward = time_ms(lambda: gated_scan_backward(proj, bias, h, d_out, d_last, 1, *tiles),
-                                   device, repeat=20)["ms"]
-                kernels[f"{batch}x{length} T{tiles[0]} D{tiles[1]} w{tiles[2]} S{segments}"] = {
-                    "forward_ms": forward, "backward_ms": backward,
-                    "forward_tb_s": 10 * elements / forward / 1e9, "backward_tb_s": 16 * elements / backward / 1e9}
+            _, _, h = gated_scan_forward(proj, bias, h0, 1, *forward_tilings[0])
+            for direction, tilings in (("forward", forward_tilings), ("backward", backward_tilings)):
+                for tiles in tilings:
+                    segments, _ = gated_segments(batch, length, 768, tiles[0], tiles[1], tiles[3])
+                    if direction == "forward":
+                        ms = kernel_ms(lambda: gated_scan_forward(proj, bias, h0, 1, *tiles))
+                    else:
+                        ms = kernel_ms(lambda: gated_scan_backward(proj, bias, h, d_out, d_last, 1, *tiles))
+                    moved = (10 if direction == "forward" else 16) * elements
+                    kernels[f"{direction} {batch}x{length} T{tiles[0]} D{tiles[1]} w{tiles[2]} S{segments}"] = {
+                        "ms": ms, "tb_s": moved / ms / 1e9}
         return check(max(errors.values()), 1e-5, errors=errors, kernel_ms=kernels)
 
     def sleep_graph() -> dict:

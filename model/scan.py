@@ -28,10 +28,15 @@ from model.kernels import triton_kernels
 # (64, 256), (32, 512), and at 63-81% of the copy bandwidth: e.g. (192, 256) forward 0.13 ms,
 # backward 0.22 ms, where the log-depth torch scan takes 13.7 ms for both.
 BLOCK_T, BLOCK_D, NUM_WARPS = 64, 32, 4
-# The gated kernels (`gated_scan`) walk each channel through time in a thread, GATED_BLOCK_T steps
-# unrolled, one channel a thread (GATED_BLOCK_D over 4 warps), and split time into segments until
-# the grid has GATED_PROGRAMS programs: a batch of 16 rows has only 16 * 768 threads of channels.
-GATED_BLOCK_T, GATED_BLOCK_D, GATED_PROGRAMS = 16, 128, 1024
+# The gated kernels (`gated_scan`) walk each channel through time in a thread, one channel a thread
+# (GATED_BLOCK_D over 4 warps), loading a chunk of steps at once: 16 forward, 8 backward (whose
+# steps load 5 tensors, not 3). A grid of fewer than GATED_MIN_PROGRAMS programs (a batch of 16 rows
+# has 16 * 768 channels, 96 programs) is split into segments of time until it has GATED_PROGRAMS,
+# at the cost of a summary pass; a larger one runs unsplit. H200, session 16 (bench/NOTES.md): the
+# sleep's 128 x 256 ran 0.15 / 0.19 ms (forward / backward) unsplit against 0.16 / 0.27 in two
+# segments; training's 16 x 2048 0.16 / 0.30 in 11 segments against 0.32 / 0.41 unsplit.
+GATED_FORWARD_BLOCK_T, GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D = 16, 8, 128
+GATED_MIN_PROGRAMS, GATED_PROGRAMS = 384, 1024
 
 
 def affine_scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -104,15 +109,16 @@ class _TritonScan(torch.autograd.Function):
         return da, db, None, None
 
 
-def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int = GATED_BLOCK_T,
+def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int, block_t: int | None = None,
                block_d: int = GATED_BLOCK_D, num_warps: int = NUM_WARPS, segments: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mixer's gates, scan and output gate as one Triton pass each way (`gated_scan_reference`
     is what it computes). proj: (batch, T, 3d), the input projection (gate pre-activation, input,
     output gate), any strides; bias: (d,) the gate's; h0: (batch, d); sign: +1 for a = sigmoid(z),
     -1 for a = exp(-softplus(z)) = sigmoid(-z). -> out (batch, T, d) in proj's dtype, h_{T-1}
-    (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles and the
-    segments of time (None: `gated_segments`) are arguments for the tests' small shapes
+    (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles (block_t None:
+    each direction's own) and the segments of time (None: `gated_segments`) are arguments for the
+    tests' small shapes
     (bench/gpu_suite.py sweeps them on `gated_scan_forward` and `gated_scan_backward`, the kernels
     alone).
 
@@ -128,10 +134,12 @@ def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: i
 def gated_segments(batch: int, length: int, d: int, block_t: int, block_d: int, segments: int | None = None
                    ) -> tuple[int, int]:
     """(segments, steps a segment): time cut into whole chunks of block_t steps, as many segments as
-    asked, or (None) as many as bring the grid to GATED_PROGRAMS programs, one at least."""
+    asked, or (None) one for a grid of GATED_MIN_PROGRAMS programs or more, else as many as bring
+    it to GATED_PROGRAMS."""
     chunks = -(-length // block_t)
+    programs = batch * -(-d // block_d)
     if segments is None:
-        segments = -(-GATED_PROGRAMS // (batch * -(-d // block_d)))
+        segments = 1 if programs >= GATED_MIN_PROGRAMS else -(-GATED_PROGRAMS // programs)
     per_segment = -(-chunks // max(1, min(segments, chunks)))
     return -(-chunks // per_segment), per_segment * block_t
 
@@ -159,7 +167,7 @@ class _GatedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: int,
                 tiles: tuple[int, int, int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tiles: block_t, block_d, num_warps, segments (`gated_scan`'s)."""
+        """tiles: block_t (None: each direction's), block_d, num_warps, segments (`gated_scan`'s)."""
         batch, length, width = proj.shape
         d = width // 3
         if width != 3 * d or bias.shape != (d,) or h0.shape != (batch, d):
@@ -167,7 +175,9 @@ class _GatedScan(torch.autograd.Function):
                              f"{tuple(proj.shape)}, bias {tuple(bias.shape)}, h0 {tuple(h0.shape)}")
         bias32 = bias.float().contiguous()
         backward = any(ctx.needs_input_grad[:3])
-        out, h_last, h = gated_scan_forward(proj, bias32, h0.float().contiguous(), sign, *tiles, store_h=backward)
+        block_t, *rest = tiles
+        out, h_last, h = gated_scan_forward(proj, bias32, h0.float().contiguous(), sign,
+                                            block_t or GATED_FORWARD_BLOCK_T, *rest, store_h=backward)
         if backward:
             ctx.save_for_backward(proj, bias32, h)
         ctx.settings = sign, tiles, bias.dtype, h0.dtype
@@ -177,7 +187,9 @@ class _GatedScan(torch.autograd.Function):
     def backward(ctx, d_out: torch.Tensor, d_last: torch.Tensor):
         proj, bias32, h = ctx.saved_tensors
         sign, tiles, bias_dtype, h0_dtype = ctx.settings
-        d_proj, d_bias, d_h0 = gated_scan_backward(proj, bias32, h, d_out, d_last.float().contiguous(), sign, *tiles)
+        block_t, *rest = tiles
+        d_proj, d_bias, d_h0 = gated_scan_backward(proj, bias32, h, d_out, d_last.float().contiguous(), sign,
+                                                   block_t or GATED_BACKWARD_BLOCK_T, *rest)
         return d_proj, d_bias.to(bias_dtype), d_h0.to(h0_dtype), None, None
 
 

@@ -233,7 +233,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from model.loop_kernel import backward_kernel, forward_kernel
-from model.scan import BLOCK_D, BLOCK_T, GATED_BLOCK_D, GATED_BLOCK_T
+from model.scan import BLOCK_D, BLOCK_T, GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D, GATED_FORWARD_BLOCK_T
 from model.scan_kernel import backward_kernel as scan_backward, forward_kernel as scan_forward
 from model.scan_kernel import (gated_backward_kernel, gated_backward_summary_kernel, gated_forward_kernel,
                                gated_summary_kernel)
@@ -243,7 +243,8 @@ TYPES = {"rows": "i32", "m": "i32", "d": "i32", "span": "fp32", "decay": "fp32",
          "threshold": "fp32", "index_rows": "*i64", "wrote_rows": "*i8", "closes": "*u8", "writes": "*i32",
          "length": "i32", "proj": "*bf16", "out": "*bf16", "d_out": "*bf16", "d_proj": "*bf16", "h_all": "*bf16",
          "segment_len": "i32", "n_segments": "i32"}
-GATED = {"BLOCK_T": GATED_BLOCK_T, "BLOCK_D": GATED_BLOCK_D}
+FORWARD = {"BLOCK_T": GATED_FORWARD_BLOCK_T, "BLOCK_D": GATED_BLOCK_D}
+BACKWARD = {"BLOCK_T": GATED_BACKWARD_BLOCK_T, "BLOCK_D": GATED_BLOCK_D}
 PM, EM = {"TOPK": 0, "HIDDEN": 16, "BLOCK_M": 8}, {"TOPK": 4, "HIDDEN": 16, "BLOCK_M": 256}
 CASES = [(forward_kernel, {**PM, "BLOCK_V": 1024}), (forward_kernel, {**EM, "BLOCK_V": 1024}),
          (backward_kernel, PM), (backward_kernel, EM),
@@ -254,10 +255,10 @@ CASES = [(forward_kernel, {**PM, "BLOCK_V": 1024}), (forward_kernel, {**EM, "BLO
          (scores_kernel, {"HAS_CLOSES": True, "HAS_SUMS": True, "BLOCK_S": 16, "BLOCK_D": 1024}),
          (scan_forward, {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D}),
          (scan_backward, {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D}),
-         (gated_summary_kernel, {"SIGN": 1, **GATED}),
-         (gated_forward_kernel, {"STORE_H": True, "SIGN": 1, **GATED}),
-         (gated_backward_summary_kernel, {"SIGN": -1, **GATED}),
-         (gated_backward_kernel, {"SIGN": -1, **GATED})]
+         (gated_summary_kernel, {"SIGN": 1, **FORWARD}),
+         (gated_forward_kernel, {"STORE_H": True, "SIGN": 1, **FORWARD}),
+         (gated_backward_summary_kernel, {"SIGN": -1, **BACKWARD}),
+         (gated_backward_kernel, {"SIGN": -1, **BACKWARD})]
 for kernel, constants in CASES:
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
