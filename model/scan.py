@@ -28,14 +28,14 @@ from model.kernels import triton_kernels
 # (64, 256), (32, 512), and at 63-81% of the copy bandwidth: e.g. (192, 256) forward 0.13 ms,
 # backward 0.22 ms, where the log-depth torch scan takes 13.7 ms for both.
 BLOCK_T, BLOCK_D, NUM_WARPS = 64, 32, 4
-# The gated kernels (`gated_scan`) walk each channel through time in a thread, one channel a thread
+# The gated kernels (`gated_scan`) walk each channel through time in a thread, two channels a thread
 # (GATED_BLOCK_D over 4 warps), loading a chunk of steps at once: 16 forward, 8 backward (whose
 # steps load 5 tensors, not 3). A grid of fewer than GATED_MIN_PROGRAMS programs (a batch of 16 rows
-# has 16 * 768 channels, 96 programs) is split into segments of time until it has GATED_PROGRAMS,
-# at the cost of a summary pass; a larger one runs unsplit. H200, session 16 (bench/NOTES.md): the
-# sleep's 128 x 256 ran 0.15 / 0.19 ms (forward / backward) unsplit against 0.16 / 0.27 in two
-# segments; training's 16 x 2048 0.16 / 0.30 in 11 segments against 0.32 / 0.41 unsplit.
-GATED_FORWARD_BLOCK_T, GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D = 16, 8, 128
+# has 16 * 768 channels, 48 programs) is split into segments of time until it has GATED_PROGRAMS,
+# at the cost of a summary pass; a larger one runs unsplit. H200, session 16, the kernels alone
+# (bench/NOTES.md): the sleep's 128 x 256 0.08 ms forward, 0.13 backward, unsplit; training's
+# 16 x 2048 0.11 / 0.20 in 22 segments, against 0.29 / 0.46 unsplit (one channel a thread).
+GATED_FORWARD_BLOCK_T, GATED_BACKWARD_BLOCK_T, GATED_BLOCK_D = 16, 8, 256
 GATED_MIN_PROGRAMS, GATED_PROGRAMS = 384, 1024
 
 
