@@ -1,10 +1,14 @@
-"""The Triton programs behind `model.scan.triton_scan` (imported only where Triton is installed).
+"""The Triton programs behind `model.scan.triton_scan` and `model.scan.gated_scan` (imported only
+where Triton is installed).
 
-Both work in the model's (batch, T, d) layout, with any input strides. One program owns one batch
+All work in the model's (batch, T, d) layout, with any input strides. A plain-scan program owns one batch
 row and BLOCK_D contiguous channels (one coalesced segment of each time row) and walks T in chunks
 of BLOCK_T rows: an associative scan of the affine maps inside a chunk, then the carry from the
 chunk before. `forward_kernel` stores h; `backward_kernel` runs the same scan backwards in time on
-the output gradient and needs h, the forward's output, for d_a. Compiled for CUDA; with
+the output gradient and needs h, the forward's output, for d_a. The gated kernels (the mixer's
+gates, scan and output gate in one pass) walk time the other way: each thread carries its channel
+step by step, a chunk's loads issued before its stores, time split into segments joined by summary
+passes where the batch is small (`model.scan.gated_scan` says why). Compiled for CUDA; with
 TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py), Triton's interpreter runs
 them on CPU tensors.
 """
