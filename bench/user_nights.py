@@ -9,6 +9,7 @@ them, and reports the wall time and each user's finish time.
 
     python bench/user_nights.py                                   # CPU tasks here, tiny -> "cpu"
     python bench/user_nights.py --preset base --gpus-per-user 0.25 --cuda-graph   # -> "gpus_0.25"
+    python bench/user_nights.py --preset base --gpus-per-user 1 --cuda-graph --in-process   # no Ray
 
 Writes bench/results/user_nights.json (a section per run label, earlier sections kept) and prints
 a table. RAY_ADDRESS joins a cluster; unset, a local Ray starts with this machine's CPUs and GPUs.
@@ -37,7 +38,8 @@ from model.consolidation import SleepConfig  # noqa: E402
 from model.corpus import embedded_corpus  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
 from model.lm import ReverieLM  # noqa: E402
-from workers.consolidation import UserNight, UserResult, consolidate_users, ensure_ray  # noqa: E402
+from workers.consolidation import (UserNight, UserResult, consolidate_user, consolidate_users,  # noqa: E402
+                                   ensure_ray)
 
 WORDS = ["door", "code", "blue", "river", "seven", "lamp", "north", "violin", "tea", "garden", "Mara", "Olek"]
 
@@ -68,19 +70,28 @@ def run(args: argparse.Namespace) -> dict:
         texts = interactions(args.texts, rng)
         nights.append(UserNight(f"user{user}", texts, state=fast_state_after(served, texts)))
     sleep_config = SleepConfig(cuda_graph=args.cuda_graph, **({"steps": args.steps} if args.steps else {}))
-    ensure_ray(os.environ.get("RAY_ADDRESS"), num_cpus=None)
+    rehearsal = embedded_corpus().train[:200_000]
     finished: list[float] = []
-    started = time.perf_counter()
 
     def on_done(result: UserResult) -> None:
         finished.append(time.perf_counter() - started)
         print(f"  {result.user_id} done at {finished[-1]:6.1f} s", flush=True)
 
-    consolidate_users(config, weights, weights, nights, embedded_corpus().train[:200_000], sleep_config, "v0001",
-                      on_done, gpus_per_user=args.gpus_per_user)
+    if args.in_process:  # the same nights one after another here: what a night costs without Ray
+        device = "cuda" if args.gpus_per_user else "cpu"
+        started = time.perf_counter()
+        for night in nights:
+            on_done(consolidate_user(config.to_json(), weights, weights, night, rehearsal, sleep_config, "v0001",
+                                     device=device))
+    else:
+        ensure_ray(os.environ.get("RAY_ADDRESS"), num_cpus=None)
+        started = time.perf_counter()
+        consolidate_users(config, weights, weights, nights, rehearsal, sleep_config, "v0001", on_done,
+                          gpus_per_user=args.gpus_per_user)
     wall = time.perf_counter() - started
     return {"preset": args.preset, "users": args.users, "interactions_per_user": args.texts,
-            "gpus_per_user": args.gpus_per_user, "cuda_graph": args.cuda_graph, "steps": sleep_config.steps,
+            "gpus_per_user": args.gpus_per_user, "in_process": args.in_process, "cuda_graph": args.cuda_graph,
+            "steps": sleep_config.steps, "torch_threads": torch.get_num_threads(),
             "batch_size": sleep_config.batch_size, "seq_len": sleep_config.seq_len, "wall_s": wall,
             "users_per_s": args.users / wall, "interactions_per_s": args.users * args.texts / wall,
             "first_user_s": finished[0], "finish_times_s": finished,
@@ -98,12 +109,16 @@ def main() -> None:
     parser.add_argument("--gpus-per-user", type=float, default=0.0,
                         help="each night's share of a GPU, as REVERIE_USER_NIGHT_GPUS (default 0: CPU tasks)")
     parser.add_argument("--cuda-graph", action="store_true", help="SleepConfig.cuda_graph (on GPU shares)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no Ray: the nights one after another in this process (on CUDA if --gpus-per-user "
+                             "is set), to tell a night's own cost from what the Ray tasks add")
     parser.add_argument("--label", help="the results section (default: cpu, or gpus_<share>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.gpus_per_user and not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
         parser.error("--gpus-per-user needs a GPU on this machine, or RAY_ADDRESS of a cluster with GPUs")
-    label = args.label or (f"gpus_{args.gpus_per_user:g}" if args.gpus_per_user else "cpu")
+    label = args.label or ((f"gpus_{args.gpus_per_user:g}" if args.gpus_per_user else "cpu")
+                           + ("_in_process" if args.in_process else ""))
     result = run(args)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results[label] = result
