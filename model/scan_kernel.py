@@ -122,8 +122,8 @@ def gated_summary_kernel(proj, bias, summary, sp_b, sp_t, sp_d, length, d, segme
     """Each segment's affine map h_end = A h_begin + B (all but the last segment): A the product of
     its a, B its h from zero, into summary (batch, segments, 2, d). `gated_forward_kernel` composes
     the earlier segments' maps into its carry, so segments of one row run side by side."""
-    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
-                                                                          segment_len, BLOCK_D)
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(
+        proj, bias, sp_b, sp_d, length, d, segment_len, BLOCK_D)
     product = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
     h = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(begin, stop, BLOCK_T):
@@ -152,8 +152,8 @@ def gated_forward_kernel(proj, bias, h0, out, h_all, h_last, summary, sp_b, sp_t
     Each thread walks its channel through time one step after another, BLOCK_T steps unrolled so
     that their loads are in flight together; a program owns one segment of time, starting from the
     carry that the earlier segments' summaries compose (`gated_summary_kernel`)."""
-    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
-                                                                          segment_len, BLOCK_D)
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(
+        proj, bias, sp_b, sp_d, length, d, segment_len, BLOCK_D)
     h = tl.load(h0 + row * d + channel, mask=in_d, other=0.0)
     summary += row * n_segments * 2 * d + channel
     for earlier in range(0, segment):
@@ -194,8 +194,8 @@ def gated_backward_summary_kernel(proj, bias, d_out, summary, sp_b, sp_t, sp_d, 
     """Each segment's map of the adjoint backwards, G_begin = P G_(next begin) + Q (all but the first
     segment; the program's segment is program_id(2) + 1): P the product of a_{t+1} over it (a_T = 1),
     Q its G_begin from zero. G_t = dh_t + a_{t+1} G_{t+1}, as in `gated_backward_kernel`."""
-    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
-                                                                          segment_len, BLOCK_D)
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(
+        proj, bias, sp_b, sp_d, length, d, segment_len, BLOCK_D)
     segment += 1
     begin += segment_len
     stop = tl.minimum(stop + segment_len, length)
@@ -228,8 +228,8 @@ def gated_backward_kernel(proj, bias, h_all, d_out, d_last, d_proj, d_bias, d_h0
     a_t) x_t, dz = SIGN * da * a (1 - a) = SIGN * G (h - x) (1 - a); dx = G (1 - a), do = d_out h
     silu'(o), d_h0 = G_0 a_0. d_out: (batch, T, d), any strides; d_proj (batch, T, 3d) contiguous,
     proj's dtype; d_bias: (batch, segments, d), each program's sum over its time."""
-    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(proj, bias, sp_b, sp_d, length, d,
-                                                                          segment_len, BLOCK_D)
+    row, channel, in_d, gate, bias_c, segment, begin, stop, end = _gated_program(
+        proj, bias, sp_b, sp_d, length, d, segment_len, BLOCK_D)
     g = tl.load(d_last + row * d + channel, mask=in_d, other=0.0)
     summary += row * n_segments * 2 * d + channel
     for later in range(n_segments - 1, segment, -1):
