@@ -179,12 +179,10 @@ def gated_forward_kernel(proj, bias, h0, out, h_all, h_last, summary, sp_b, sp_t
 
 
 @triton.jit
-def _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, mask):
-    """o_t, sigmoid(o_t), d_out_t and dh_t = d_out_t o_t sigmoid(o_t): what out = h silu(o) sends back to h_t."""
+def _output_adjoint(gate, d_out, t, sp_t, so_t, d, sp_d, mask):
+    """dh_t = d_out_t o_t sigmoid(o_t): what out = h silu(o) sends back to h_t."""
     o = tl.load(gate + t * sp_t + 2 * d * sp_d, mask=mask, other=0.0).to(tl.float32)
-    s = _sigmoid(o)
-    g_out = tl.load(d_out + t * so_t, mask=mask, other=0.0).to(tl.float32)
-    return o, s, g_out, g_out * o * s
+    return tl.load(d_out + t * so_t, mask=mask, other=0.0).to(tl.float32) * o * _sigmoid(o)
 
 
 @triton.jit
@@ -208,8 +206,7 @@ def gated_backward_summary_kernel(proj, bias, d_out, summary, sp_b, sp_t, sp_d, 
         for i in tl.static_range(BLOCK_T):
             t = begin + chunk * BLOCK_T + (BLOCK_T - 1 - i)
             inside = in_d & (t < end)
-            _, _, _, dh = _output_gradient(gate, d_out, t, sp_t, so_t, d, sp_d, inside)
-            g = tl.where(inside, dh + a_next * g, g)
+            g = tl.where(inside, _output_adjoint(gate, d_out, t, sp_t, so_t, d, sp_d, inside) + a_next * g, g)
             product = tl.where(inside, product * a_next, product)
             a_next = tl.where(inside, _retention(gate, t, sp_t, bias_c, inside, SIGN), a_next)
     summary += (row * n_segments + segment) * 2 * d + channel
