@@ -118,9 +118,8 @@ def gated_scan(proj: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, sign: i
     -1 for a = exp(-softplus(z)) = sigmoid(-z). -> out (batch, T, d) in proj's dtype, h_{T-1}
     (batch, d) float32. CUDA tensors, or CPU ones under TRITON_INTERPRET=1; the tiles (block_t None:
     each direction's own) and the segments of time (None: `gated_segments`) are arguments for the
-    tests' small shapes
-    (bench/gpu_suite.py sweeps them on `gated_scan_forward` and `gated_scan_backward`, the kernels
-    alone).
+    tests' small shapes (bench/gpu_suite.py sweeps them on `gated_scan_forward` and
+    `gated_scan_backward`, the kernels alone).
 
     Why: unfused, the gates and the output gate are elementwise kernels around the scan that write
     and read a, (1 - a) x and h in float32, ~32 bytes an element forward where this reads proj and
