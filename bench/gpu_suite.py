@@ -28,8 +28,8 @@ one 10-minute call; two calls of ~6 minutes each (the checks alone ~200 s, most 
         --train-variants gpt-compile,reverie-graph-compiled --budget training=110 --budget sleep=110
     PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --sections bandwidth,generation,bitdelta
 
-then merge $OUT/gpu.json into bench/results/gpu.json (bench/NOTES.md says how). Without Triton the scan falls back to the
-log-depth torch scan (recorded as scan_backend).
+then merge $OUT/gpu.json into bench/results/gpu.json (bench/NOTES.md says how). Without Triton
+the scan falls back to the log-depth torch scan (recorded as scan_backend).
 """
 
 from __future__ import annotations
@@ -340,6 +340,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         for segments in (1, 3, None):
             got = run(gated_scan, proj, bias, h0, d_out, d_last, segments=segments)
             errors[f"segments {segments}"] = max(rel_err(a, b) for a, b in zip(got, want))
+
         def kernel_ms(fn: Callable[[], object], reps: int = 10) -> float:
             """GPU time of one fn() call: a CUDA graph of it replayed reps times between two events,
             so that the host's launches (tens of microseconds, against kernels of ~0.1-0.3 ms) are
@@ -356,16 +357,15 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             proj, bias, h0, d_out, d_last = inputs(batch, length, 768, torch.bfloat16)
             elements = batch * length * 768
             _, _, h = gated_scan_forward(proj, bias, h0, 1, *forward_tilings[0])
-            for direction, tilings in (("forward", forward_tilings), ("backward", backward_tilings)):
+            directions = (("forward", forward_tilings, 10, lambda t: gated_scan_forward(proj, bias, h0, 1, *t)),
+                          ("backward", backward_tilings, 16,
+                           lambda t: gated_scan_backward(proj, bias, h, d_out, d_last, 1, *t)))
+            for direction, tilings, bytes_per_element, launch in directions:
                 for tiles in tilings:
                     segments, _ = gated_segments(batch, length, 768, tiles[0], tiles[1], tiles[3])
-                    if direction == "forward":
-                        ms = kernel_ms(lambda: gated_scan_forward(proj, bias, h0, 1, *tiles))
-                    else:
-                        ms = kernel_ms(lambda: gated_scan_backward(proj, bias, h, d_out, d_last, 1, *tiles))
-                    moved = (10 if direction == "forward" else 16) * elements
+                    ms = kernel_ms(lambda: launch(tiles))
                     kernels[f"{direction} {batch}x{length} T{tiles[0]} D{tiles[1]} w{tiles[2]} S{segments}"] = {
-                        "ms": ms, "tb_s": moved / ms / 1e9}
+                        "ms": ms, "tb_s": bytes_per_element * elements / ms / 1e9}
         return check(max(errors.values()), 1e-5, errors=errors, kernel_ms=kernels)
 
     def sleep_graph() -> dict:
