@@ -121,19 +121,17 @@ class WorkingMemory(nn.Module):
             return self._step(q, k, v, cache_k, cache_v, cache_pos, pos, in_place)
         query_pos = pos[:, None] + torch.arange(length, device=u.device)  # (b, T)
         if fresh and length <= self.window:  # the window's mask would be causal's: attention's causal kernels
-            mask, keys, vals = None, k, v
+            attended = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True)
         elif fresh:
-            i = torch.arange(length, device=u.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
-            keys, vals = k, v
+            attended = sliding_window_attention(self._heads(q), self._heads(k), self._heads(v), self.window)
         else:
             keys = torch.cat([cache_k.to(k.dtype), k], dim=1)
             vals = torch.cat([cache_v.to(v.dtype), v], dim=1)
             key_pos = torch.cat([cache_pos, query_pos], dim=1)[:, None, :]  # (b, 1, W+T)
             qp = query_pos[:, :, None]
             mask = ((key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - self.window))[:, None]
-        attended = F.scaled_dot_product_attention(self._heads(q), self._heads(keys), self._heads(vals),
-                                                  attn_mask=mask, is_causal=mask is None)
+            attended = F.scaled_dot_product_attention(self._heads(q), self._heads(keys), self._heads(vals),
+                                                      attn_mask=mask)
         out = self.out(attended.transpose(1, 2).flatten(-2))
 
         if lengths is not None:
@@ -188,6 +186,31 @@ class WorkingMemory(nn.Module):
 
         positions = torch.where(ours, pos[:, None] + offset, cache_pos.gather(1, slot))
         return refill(cache_k, k), refill(cache_v, v), cache_pos.scatter(1, slot, positions)
+
+
+def sliding_window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int
+                             ) -> torch.Tensor:
+    """Causal attention of each position over the last `window` positions (itself included), for
+    query, keys and values (b, h, T, e) from position 0 with T > window. With a (T, T) mask the
+    kernels score every pair (H200, `base` training at T=2048: 2.7 ms forward and backward, cuDNN's
+    masked kernels); here the first window runs causal, and every later chunk of `window` queries
+    attends to its own chunk and the one before, under one (W, 2W) band mask that all chunks share:
+    a quarter of the pairs at T=2048, W=256. The same sums as the full mask's, up to rounding."""
+    length = query.shape[2]
+    first = F.scaled_dot_product_attention(*(t[:, :, :window] for t in (query, keys, values)), is_causal=True)
+    pad = -length % window
+    rest = F.pad(query[:, :, window:], (0, 0, 0, pad))  # (b, h, C * W, e)
+    chunks = rest.shape[2] // window
+    # Chunk c's queries are at (c + 1) W + i, its keys at c W + j (j < 2 W): visible where i < j <= i + W.
+    before, mine = (torch.arange(n, device=query.device) for n in (2 * window, window))
+    band = (before[None, :] > mine[:, None]) & (before[None, :] <= mine[:, None] + window)  # (W, 2W)
+
+    def key_chunks(t: torch.Tensor) -> torch.Tensor:  # (b, h, T, e) -> (b, h * C, 2W, e), overlapping windows
+        return F.pad(t, (0, 0, 0, pad)).unfold(2, 2 * window, window).transpose(-1, -2).flatten(1, 2)
+    attended = F.scaled_dot_product_attention(rest.unflatten(2, (chunks, window)).flatten(1, 2), key_chunks(keys),
+                                              key_chunks(values), attn_mask=band)
+    later = attended.unflatten(1, (query.shape[1], chunks)).flatten(2, 3)[:, :, :length - window]
+    return torch.cat([first, later], dim=2)
 
 
 def attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, within: torch.Tensor,

@@ -267,7 +267,7 @@ class ReverieLM(nn.Module):
         PMs and EMs hold nothing and learn is off, so every read would be zero: none is made."""
         last = None if lengths is None else lengths - 1
         writes = state.writes
-        x = self.embed(tokens)
+        x = residual_stream(self.embed(tokens))
         rows: dict[str, list[torch.Tensor | None]] = {name: [] for name in LAYER_FIELDS + BLOCK_FIELDS}
         pending: dict[type, list[Trace]] = {ProceduralMemory: [], EpisodicMemory: []}
         wm = (state.wm_k, state.wm_v, state.wm_pos)
@@ -365,6 +365,17 @@ class ReverieLM(nn.Module):
         `forward`; bytes as uint8 skip the range check, which reads them back from the device)."""
         logits, state = self.forward(byte[:, None], state, learn=learn, donate_state=donate_state, positions=positions)
         return logits[:, 0], state
+
+
+def residual_stream(embedded: torch.Tensor) -> torch.Tensor:
+    """The residual stream in autocast's dtype when autocast is on (bf16 on a GPU), as Megatron-LM
+    keeps it by default. The float32 embedding would otherwise make every layer's residual adds,
+    norm inputs and their gradients float32: twice the bytes of the stream, and autograd's sums of
+    its gradients float32 too (H200, `base` training step: ~13 ms of the 85 ms ran kernels reading
+    or writing the float32 stream). Each add's output is rounded to bf16; the memories still read
+    and write in float32 (`float32_or_wider`)."""
+    device = embedded.device.type
+    return embedded.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else embedded
 
 
 def _row_fold(plan: SpanPlan, learn: bool) -> Fold | None:

@@ -12,6 +12,7 @@ from model.config import ModelConfig, preset
 from model.corpus import Corpus, embedded_corpus
 from model.fast_state import FastState
 from model.generate import GenerationConfig, generate_batch
+from model.layers import sliding_window_attention
 from model.lm import ReverieLM
 from model.scan import affine_scan, affine_scan_reference
 from model.session import Session
@@ -65,6 +66,25 @@ def test_model_is_causal(tiny_model):
     logits2, _ = tiny_model(changed)
     assert torch.equal(logits[:, :60], logits2[:, :60])
     assert not torch.allclose(logits[:, 60:], logits2[:, 60:])
+
+
+# --- working memory -----------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [33, 64, 100, 129])
+def test_sliding_window_attention_equals_attention_under_the_full_window_mask(length):
+    """The chunked attention of a fresh call longer than the window (one band mask shared by every
+    chunk) gives what one (T, T) window mask gives, forward and gradients, T a multiple of the
+    window or not."""
+    window = 32
+    q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i),
+                           requires_grad=True) for i in range(3))
+    i = torch.arange(length)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = sliding_window_attention(q, k, v, window)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 # --- stepping vs parallel -----------------------------------------------------------------------
