@@ -18,7 +18,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.fast_state import FastState
-from model.layers import AffineScan, WorkingMemory, feed_forward, float32_or_wider, init_weights
+from model.layers import AffineScan, RMSNorm, WorkingMemory, feed_forward, float32_or_wider, init_weights
 from model.fused_write import fused_write_supported, write_slots_in_place
 from model.memory import (Closes, EpisodicMemory, Fold, ProceduralMemory, Slots, SpanPlan, SpanRun, Trace,
                           close_spans, run_over_spans, span_sums)
@@ -44,10 +44,10 @@ class Layer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.mix_norm = nn.RMSNorm(config.d_model)
+        self.mix_norm = RMSNorm(config.d_model)
         self.mixer = AffineScan(config)
         self.procedural = ProceduralMemory(config.pm_decay, config.pm_budget)
-        self.ff_norm = nn.RMSNorm(config.d_model)
+        self.ff_norm = RMSNorm(config.d_model)
         self.ff = feed_forward(config)
         self.span = config.span
 
@@ -92,7 +92,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.layers_per_block))
-        self.em_norm = nn.RMSNorm(config.d_model)
+        self.em_norm = RMSNorm(config.d_model)
         self.episodic = EpisodicMemory(config.d_model, config.em_topk, config.em_decay, config.em_budget)
         self.span = config.span
 
@@ -123,9 +123,9 @@ class ReverieLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
-        self.wm_norm = nn.RMSNorm(config.d_model)
+        self.wm_norm = RMSNorm(config.d_model)
         self.working_memory = WorkingMemory(config)
-        self.final_norm = nn.RMSNorm(config.d_model)
+        self.final_norm = RMSNorm(config.d_model)
         init_weights(self, config.n_layers)
         self.last_metrics: dict[str, float] = {}
         self._active_param_counts: dict[int, int] = {}  # shapes never change, so counts are cached
