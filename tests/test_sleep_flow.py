@@ -112,12 +112,13 @@ def test_exception_mid_sleep_is_retried_and_promotes_once(data, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA here the night would train on it")
 def test_a_night_on_a_gpu_share_says_when_torch_finds_no_gpu():
     """REVERIE_USER_NIGHT_GPUS makes each user's night a Ray task that asks for a share of a GPU;
-    where Ray grants one that torch cannot use, the night stops with what to change."""
+    where Ray grants one that torch cannot use, the night stops with what to change, and whose it was."""
     weights = {k: v.detach() for k, v in ReverieLM(preset("tiny")).state_dict().items()}
     night = UserNight("alice", [fact.text() for fact in FACTS["alice"]])
-    with pytest.raises(ray.exceptions.RayTaskError, match=r"given GPU .*0.* by Ray.*REVERIE_USER_NIGHT_GPUS=0"):
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"given GPU .*0.* by Ray.*REVERIE_USER_NIGHT_GPUS=0") as failed:
         consolidate_users(preset("tiny"), weights, weights, [night], embedded_corpus().train[:4096],
                           SleepConfig(steps=4), "v0001", on_done=lambda result: None, gpus_per_user=0.5)
+    assert any("'alice'" in note for note in failed.value.__notes__)  # whose night it was
     with pytest.raises(ValueError, match="a share of one GPU, 0 to 1"):
         consolidate_users(preset("tiny"), weights, weights, [night], b"", SleepConfig(), "v0001",
                           on_done=lambda result: None, gpus_per_user=2)

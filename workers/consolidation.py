@@ -144,8 +144,12 @@ def consolidate_users(config: ModelConfig, served: Weights, candidate: Weights, 
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        result: UserResult = ray.get(done[0])
-        pending.pop(done[0])
+        user_id = pending.pop(done[0])
+        try:
+            result: UserResult = ray.get(done[0])
+        except ray.exceptions.RayError as error:  # Ray's message names the task, not the user
+            error.add_note(f"in user {user_id!r}'s night; the users who finished before were handed to on_done")
+            raise
         on_done(result)
         results.append(result)
     return results
