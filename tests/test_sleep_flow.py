@@ -24,7 +24,7 @@ from storage.fast_states import FastStateStore
 from storage.search_results import SearchResults
 from storage.experience import ExperienceRecord, ExperienceWriter
 from storage.uri import open_store
-from workers.consolidation import UserNight, consolidate_users
+from workers.consolidation import UserNight, consolidate_user, consolidate_users, received, shipped
 
 NIGHT = "2026-01-05"
 SLEEP = {"steps": 80, "rehearsal_weight": 0.3}
@@ -122,6 +122,45 @@ def test_a_night_on_a_gpu_share_says_when_torch_finds_no_gpu():
     with pytest.raises(ValueError, match="a share of one GPU, 0 to 1"):
         consolidate_users(preset("tiny"), weights, weights, [night], b"", SleepConfig(), "v0001",
                           on_done=lambda result: None, gpus_per_user=2)
+
+
+def test_weights_cross_the_object_store_as_arrays_and_come_back_exact():
+    """`shipped` weights (numpy arrays, passed by reference to Ray's shared memory) come back from
+    the object store as the same tensors; a dtype numpy lacks travels as a tensor; `writable`
+    copies give tensors the caller may change."""
+    weights = {"w": torch.randn(3, 4), "n": torch.arange(5), "h": torch.randn(2, dtype=torch.bfloat16)}
+    back = ray.get(ray.put(shipped(weights)))
+    assert isinstance(back["h"], torch.Tensor) and not isinstance(back["w"], torch.Tensor)
+    for writable in (False, True):
+        tensors = received(back, writable=writable)
+        assert all(torch.equal(tensors[name], t) and tensors[name].dtype == t.dtype for name, t in weights.items())
+    tensors["w"].add_(1.0)  # a writable copy, not the object store's memory
+
+
+def test_a_night_through_ray_equals_the_night_in_process():
+    """A user's night as a Ray task (weights in and the delta out as shipped arrays) gives the
+    delta that `consolidate_user` gives here, from an old delta and a fast state. Torch on one
+    thread, as in a Ray worker: a CPU product's sums depend on its threads."""
+    config = preset("tiny")
+    torch.manual_seed(0)
+    served = {k: v.detach().clone() for k, v in ReverieLM(config).state_dict().items()}
+    candidate = {k: v + 1e-3 for k, v in served.items()}
+    texts = [fact.text() for fact in FACTS["alice"]]
+    _, state = model_from(config, served)(torch.tensor(list(texts[0]))[None])
+    old = {name: 1e-3 * torch.ones_like(t) for name, t in list(served.items())[:3]}
+    night = UserNight("alice", texts, state=state.to_bytes(config), old_delta=old)
+    rehearsal, sleep = embedded_corpus().train[:4096], SleepConfig(steps=4)
+    [through_ray] = consolidate_users(config, served, candidate, [night], rehearsal, sleep, "v0002",
+                                      on_done=lambda result: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = consolidate_user(config.to_json(), served, candidate, night, rehearsal, sleep, "v0002")
+    finally:
+        torch.set_num_threads(threads)
+    assert (through_ray.meta, through_ray.metrics) == (here.meta, here.metrics)
+    assert through_ray.tensors.keys() == here.tensors.keys()
+    assert all(torch.equal(through_ray.tensors[name], t) for name, t in here.tensors.items())
 
 
 def test_failing_gate_promotes_nothing_and_says_why(data):
