@@ -109,6 +109,8 @@ def consolidate_user(config_json: str, served: Weights, candidate: Weights, nigh
 # --- weights through Ray's object store -----------------------------------------------------------
 
 Shipped = dict[str, "np.ndarray | torch.Tensor"]
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8, torch.bool}
 
 
 def shipped(weights: Weights) -> Shipped:
@@ -130,10 +132,6 @@ def received(weights: Shipped, writable: bool = False) -> Weights:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(array)
     return {name: tensor(a) if isinstance(a, np.ndarray) else a for name, a in weights.items()}
-
-
-_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-                 torch.uint8, torch.bool}
 
 
 @ray.remote(num_cpus=1, max_retries=1)
