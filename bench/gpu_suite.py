@@ -65,6 +65,7 @@ from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures, as train_throughput
 TRAIN_VARIANTS: list[str] = []  # --train-variants: the training variants to run (empty: all)
+ITEMS: list[str] = []  # --items: the items of any section to run (empty: all)
 GOALS = {"training_ratio": 1.0, "training_mfu": 0.40, "learn_on_vs_off": 0.9, "reverie_vs_kv_gpt": 3.0,
          "sleep_interactions_per_s": 1e6 / 600, "bitdelta_fraction_of_copy": 0.5}
 
@@ -154,7 +155,10 @@ class Recorder:
         return self.deadline - time.time()
 
     def item(self, name: str, fn: Callable[[], dict], min_left_s: float = 3.0) -> dict | None:
-        """Run one measurement; record its dict, or its error, or that the budget ran out."""
+        """Run one measurement; record its dict, or its error, or that the budget ran out (items
+        left out by --items are not run and not recorded)."""
+        if ITEMS and name not in ITEMS:
+            return None
         if self.left() < min_left_s:
             self.data["skipped"].append(name)
             self.flush()
@@ -993,6 +997,7 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
         path = Path(tmp) / f"{name}.json"
         command = [sys.executable, __file__, "--section", name, "--child-json", str(path),
                    "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS),
+                   "--items", ",".join(ITEMS),
                    "--train-batch", str(sizes.train_batch),
                    "--decode-batches", ",".join(map(str, sizes.decode_batches))]
         if smoke:
@@ -1116,6 +1121,9 @@ def main() -> None:
     parser.add_argument("--out", help="JSON path (default bench/results/gpu.json, or gpu_smoke.json with --smoke)")
     parser.add_argument("--train-variants", default="",
                         help="comma-separated training variants to run (default: all), e.g. gpt-compile,reverie-graph-compiled")
+    parser.add_argument("--items", default="",
+                        help="comma-separated items to run, of any section (default: all), e.g. "
+                             "'shared_bulk compiled graphed'")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="training rows per step for every variant (default: Sizes.train_batch, 16 as calibrated)")
     parser.add_argument("--decode-batches", default=None,
@@ -1143,6 +1151,7 @@ def main() -> None:
             parser.error(f"--decode-batches takes positive integers separated by commas, got {args.decode_batches!r}")
         sizes = dataclasses.replace(sizes, decode_batches=tuple(map(int, batches)))
     TRAIN_VARIANTS.extend(filter(None, args.train_variants.split(",")))
+    ITEMS.extend(filter(None, args.items.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.section:  # child: one section
         torch.backends.cuda.matmul.allow_tf32 = True
