@@ -26,8 +26,11 @@ def weights(model: ReverieLM) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
 
 
-def load_weights(model: ReverieLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `tensors` into `model`, naming missing, extra or mis-shaped tensors in the error."""
+def load_weights(model: ReverieLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                 assign: bool = False) -> None:
+    """Copy `tensors` into `model`, naming missing, extra or mis-shaped tensors in the error.
+    assign: the model was built on the meta device and takes `tensors` as its parameters, no copy
+    (a live model, whose parameters a CUDA graph may hold, is copied into)."""
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -39,7 +42,7 @@ def load_weights(model: ReverieLM, tensors: dict[str, torch.Tensor], source: str
                                   f"expects {tuple(expected[name].shape)}")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {name} contains NaN or inf; use an earlier checkpoint")
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, assign=assign)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -87,6 +90,7 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None,
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({error}); "
                               f"restore it or train again") from error
-    model = ReverieLM(config).to(device)
-    load_weights(model, tensors, source=f"checkpoint {path}")
+    with torch.device("meta"):  # the random initialisation the weights replace was most of a load
+        model = ReverieLM(config)
+    load_weights(model, tensors, source=f"checkpoint {path}", assign=True)
     return model, info

@@ -333,6 +333,11 @@ def test_checkpoint_roundtrip(tiny_model, tmp_path):
     assert info["step"] == 3
     for name, tensor in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
+    # built on the meta device, the loaded model owns real, trainable parameters
+    assert all(p.device.type == "cpu" and p.requires_grad for p in loaded.parameters())
+    logits, _ = loaded(torch.randint(0, 256, (1, 8)))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in loaded.embed.parameters())
 
 
 def test_corrupt_checkpoint_says_so(tiny_model, tmp_path):
