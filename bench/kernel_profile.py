@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from bench.gpu_suite import warm_state  # noqa: E402
+from bench.gpu_suite import Sizes, warm_state  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
@@ -43,6 +43,10 @@ from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import compiled_writes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "kernel_profile.json"
+# (rows, bytes per row) the GPU suite times, so a profile without --batch/--seq-len is of the same step
+# (session 18 profiled the sleep at the old shared default, 16 x 2048: twice the suite's bytes).
+SUITE_SHAPES = {"train": (Sizes().train_batch, Sizes().seq_len), "sleep": Sizes().sleep_bulk,
+                "decode": (16, Sizes().seq_len)}
 
 
 def training_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
@@ -173,8 +177,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("train", "decode", "sleep"))
     parser.add_argument("--preset", default="base")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=2048, help="train, sleep: bytes per row")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="rows (default: the GPU suite's: train 16, sleep 64; decode 16)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="train, sleep: bytes per row (default: the GPU suite's: train 2048, sleep 256)")
     parser.add_argument("--eager-writes", action="store_true", help="train: the eager memory write, not the compiled one")
     parser.add_argument("--compile-layers", action="store_true", help="train, sleep: ReverieLM.compile_layers() first")
     parser.add_argument("--compile-loops", action="store_true",
@@ -188,6 +194,9 @@ def main() -> None:
                         help="also the device time by the Python lines (FRAMES deep) that launched it")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    suite_batch, suite_seq_len = SUITE_SHAPES[args.what]
+    args.batch = args.batch or suite_batch
+    args.seq_len = args.seq_len or suite_seq_len
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # as bench/gpu_suite.py: the fp32 memory math on tensor cores
