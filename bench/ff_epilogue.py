@@ -11,7 +11,7 @@ backward, at the training and sleep shapes, three ways:
 Each is checked against the float64 tanh-GELU sums (relative error of the output and every
 gradient; inductor's runs the exact GELU, as the model does, so its error includes the two GELUs'
 difference), then timed as a CUDA graph of forward + backward replayed (the suite's steps are
-graphed). Prints a table and writes bench/results/ff_epilogue.json.
+graphed; median of 50). Prints a table and writes bench/results/ff_epilogue.json.
 
     python bench/ff_epilogue.py          # CUDA only: builds bench/gelu_epilogue.cpp first (~1 min)
 """
@@ -29,6 +29,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_suite import forward_backward_ms, rel_err  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "ff_epilogue.json"
 SHAPES = {"training 16x2048, sleep's student 128x256": 16 * 2048, "sleep's teacher 64x256": 64 * 256}
 
@@ -74,10 +78,6 @@ def feed_forward(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, approxim
     return F.gelu(x @ up.t(), approximate=approximate) @ down.t()
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
-
-
 def check(fn: Callable, x, up, down) -> dict[str, float]:
     """Relative errors of fn's output and gradients against the float64 tanh-GELU reference."""
     grad = torch.randn(x.shape[0], down.shape[0], device=x.device, dtype=x.dtype)
@@ -87,38 +87,8 @@ def check(fn: Callable, x, up, down) -> dict[str, float]:
     wide = [t.detach().double().requires_grad_() for t in (x, up, down)]
     ref = feed_forward(*wide)
     ref.backward(grad.double())
-    return {name: relative(got, want) for name, got, want in
+    return {name: rel_err(got, want) for name, got, want in
             zip(("out", "grad_x", "grad_up", "grad_down"), [out, *(t.grad for t in leaves)], [ref, *(t.grad for t in wide)])}
-
-
-def graphed_ms(fn: Callable, x, up, down, replays: int = 50) -> float:
-    """Mean GPU time of forward + backward, captured once as a CUDA graph and replayed."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, up, down)]
-    grad = torch.randn(x.shape[0], down.shape[0], device=x.device, dtype=x.dtype)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).backward(grad)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
@@ -145,7 +115,8 @@ def main() -> None:
     print(f"{'shape':<24} {'rows':>7} " + " ".join(f"{name + ' ms':>12}" for name in ways) + "   saved/layer")
     for label, rows in SHAPES.items():
         x = torch.randn(rows, d, device="cuda", generator=g).bfloat16()
-        times = {name: graphed_ms(fn, x, up, down) for name, fn in ways.items()}
+        grad = torch.randn(rows, d, device="cuda", generator=g).bfloat16()
+        times = {name: forward_backward_ms(fn, [x, up, down], grad) for name, fn in ways.items()}
         results["shapes"][label] = {"rows": rows, **{f"{name}_ms": t for name, t in times.items()}}
         print(f"{label:<24} {rows:>7} " + " ".join(f"{t:12.3f}" for t in times.values())
               + f"   {times['inductor'] - times['epilogue']:+.3f} ms", flush=True)

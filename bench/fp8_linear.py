@@ -2,7 +2,8 @@
 and backward at `base`'s shapes and 32,768 rows (training 16 x 2048, the sleep's student rows),
 in bf16 (what runs now: cuBLAS through autocast) and in float8 with per-tensor dynamic scales
 (`torch._scaled_mm`: inputs and weights e4m3, gradients e5m2, outputs bf16; the scales' amax
-reductions and the casts compiled, the transposes the backward's layouts need included).
+reductions and the casts compiled, the transposes the backward's layouts need included), each
+timed as one CUDA graph of forward + backward replayed (median of 50).
 
 Why: the H200 profile of the sleep's step (bench/NOTES.md, session 18) has its GEMMs at 55% of the
 step and ~89% of the bf16 rate, and Hopper's float8 rate is twice bf16's. This measures what is
@@ -24,6 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_suite import forward_backward_ms, rel_err  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "fp8_linear.json"
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # (in, out) of base's linear layers: the mixer's in and out projections, the feed-forward's up and down.
@@ -69,10 +74,6 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.t()
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
-
-
 def errors(fn: Callable, x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
     """Relative errors of the output and both gradients against float64."""
     grad = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
@@ -82,38 +83,8 @@ def errors(fn: Callable, x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
     wide = [t.detach().double().requires_grad_() for t in (x, w)]
     ref = wide[0] @ wide[1].t()
     ref.backward(grad.double())
-    return {"out": relative(out, ref), "grad_x": relative(leaves[0].grad, wide[0].grad),
-            "grad_w": relative(leaves[1].grad, wide[1].grad)}
-
-
-def graphed_ms(fn: Callable, x: torch.Tensor, w: torch.Tensor, replays: int = 50) -> float:
-    """Mean GPU time of forward + backward, captured once as a CUDA graph and replayed."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
-    grad = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).backward(grad)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+    return {"out": rel_err(out, ref), "grad_x": rel_err(leaves[0].grad, wide[0].grad),
+            "grad_w": rel_err(leaves[1].grad, wide[1].grad)}
 
 
 def profile(rows: int) -> None:
@@ -150,7 +121,9 @@ def main() -> None:
         x = torch.randn(args.rows, fan_in, device="cuda", generator=g).bfloat16()
         small = x[:1024]
         errs = {"bf16": errors(bf16_linear, small, w), "fp8": errors(Float8Linear.apply, small, w)}
-        times = {"bf16": graphed_ms(bf16_linear, x, w), "fp8": graphed_ms(Float8Linear.apply, x, w)}
+        grad = torch.randn(args.rows, fan_out, device="cuda", generator=g).bfloat16()
+        times = {"bf16": forward_backward_ms(bf16_linear, [x, w], grad),
+                 "fp8": forward_backward_ms(Float8Linear.apply, [x, w], grad)}
         flop = 6 * args.rows * fan_in * fan_out
         results["shapes"][label] = {"bf16_ms": times["bf16"], "fp8_ms": times["fp8"],
                                     "bf16_tflops": flop / times["bf16"] / 1e9, "fp8_tflops": flop / times["fp8"] / 1e9,

@@ -257,6 +257,19 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+def forward_backward_ms(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> float:
+    """Median GPU milliseconds of fn(*inputs).backward(grad), captured as one CUDA graph and
+    replayed (on copies of inputs that require grad; their gradients set to None each time)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).backward(grad)
+
+    return time_ms(graphed(step), torch.device("cuda"), warmup=5, repeat=50)["ms"]
+
+
 def scan_backend(device: torch.device) -> str:
     from model import scan
     return "Triton (model/scan_kernel.py)" if device.type == "cuda" and scan.fused_scan_available() else "log-depth torch"
