@@ -60,6 +60,7 @@ from bench.baselines import GPT  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
+from model.float8 import float8_linear, use_float8  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
@@ -621,6 +622,27 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         roundtrip = torch.equal(unpack_signs(packed, x.numel()), torch.where(x >= 0, 1.0, -1.0))
         return {"ok": bool(same and roundtrip), "packed_equals_cpu": same, "roundtrip_exact": roundtrip}
 
+    def float8_gemms() -> dict:
+        """model.float8.float8_linear (e4m3 forward and input gradient, bf16 weight gradient) against
+        float64 at the feed-forward's up projection, eagerly and compiled: e4m3 rounds ~3% an element."""
+        g = torch.Generator(device=device).manual_seed(7)
+        x = torch.randn(4096, 768, generator=g, device=device)
+        weight = torch.randn(3072, 768, generator=g, device=device) / 768 ** 0.5
+        grad = torch.randn(4096, 3072, generator=g, device=device)
+        exact = [t.double().cpu().requires_grad_() for t in (x, weight)]
+        (exact[0] @ exact[1].t()).backward(grad.double().cpu())
+        errors = {}
+        for mode, fn in (("eager", float8_linear), ("compiled", torch.compile(float8_linear))):
+            got = [t.clone().requires_grad_() for t in (x, weight)]
+            out = fn(*got)
+            out.backward(grad)
+            errors[mode] = {"out": rel_err(out, exact[0] @ exact[1].t()), "grad_x": rel_err(got[0].grad, exact[0].grad),
+                            "grad_w": rel_err(got[1].grad, exact[1].grad)}
+        worst = max(max(e["out"], e["grad_x"]) for e in errors.values())
+        result = check(worst, 0.06, cases=errors)
+        result["ok"] = result["ok"] and all(e["grad_w"] <= 0.01 for e in errors.values())
+        return result
+
     rec.item("scan", scan)
     rec.item("span_reads", span_reads)
     rec.item("fused_write", fused_write)
@@ -636,6 +658,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                                    "(need CUDA)")
     rec.item("kv_cache_gpt", kv_gpt)
     rec.item("bitdelta_packing", bitdelta_packing)
+    rec.item("float8_gemms", float8_gemms)
 
 
 def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
@@ -665,6 +688,10 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             forward = lambda x: net(x)[0]  # noqa: E731
             flops_per_token = 6 * net.num_params() + 6 * config.d_model * config.window  # as train_throughput
         net.to(device)
+        float8 = variant.endswith("-float8")  # the GEMMs of the variant before it in float8 (model/float8.py)
+        variant = variant.removesuffix("-float8")
+        if float8:
+            use_float8(net)
         if variant == "gpt-compile":
             forward = torch.compile(net)
         elif variant.startswith("reverie-graph-compiled") and not variant.endswith("writes"):
@@ -700,6 +727,7 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         result = {"params": sum(p.numel() for p in net.parameters()), "batch": batch, "seq_len": sizes.seq_len,
+                  "float8": float8,
                   "tokens_per_s": tokens_per_s, "step_ms": timing["ms"], "step_min_ms": timing["min_ms"],
                   "steps": timing["runs"], "warmup_s": warmup_s, "first_loss": first_loss,
                   "flops_per_token": flops_per_token,
@@ -715,7 +743,8 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     # layers (`compile_layers`) and writes compiled, then the whole step graphed (compiled pieces
     # without the graph, session 3: 19.9K bytes/s, host-bound). The loops' compile takes minutes, so
     # it follows the quick ones; the eager variants run last.
-    variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph", "reverie-graph-compiled-loops",
+    variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph-compiled-float8", "reverie-graph",
+                 "reverie-graph-compiled-loops",
                  "reverie-graph-compiled-writes", "reverie-eager-compiled-writes", "reverie-eager"]
                 if device.type == "cuda"
                 else ["gpt-eager", "reverie-eager"])
@@ -885,21 +914,22 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
-    def shared_bulk(compile: bool = False, support_fraction: float = 1.0, graph: bool = False) -> dict:
+    def shared_bulk(compile: bool = False, support_fraction: float = 1.0, graph: bool = False,
+                    float8: bool = False) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
         support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows);
-        graph: SleepConfig.cuda_graph."""
+        graph: SleepConfig.cuda_graph; float8: SleepConfig.float8."""
         batch, seq_len = sizes.sleep_bulk
         texts = [interaction() for _ in range(4096)]
         bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
-                                   support_fraction=support_fraction, cuda_graph=graph)
+                                   support_fraction=support_fraction, cuda_graph=graph, float8=float8)
         step_s = run(bulk, texts, sizes.sleep_steps)
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,
-                "support_fraction": support_fraction, "compile": compile, "cuda_graph": graph,
+                "support_fraction": support_fraction, "compile": compile, "cuda_graph": graph, "float8": float8,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
                 "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
@@ -912,6 +942,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     if cuda:
         rec.item("shared_bulk graphed", lambda: shared_bulk(graph=True))
         rec.item("shared_bulk compiled graphed", lambda: shared_bulk(compile=True, graph=True), min_left_s=60)
+        rec.item("shared_bulk compiled graphed float8", lambda: shared_bulk(compile=True, graph=True, float8=True),
+                 min_left_s=60)
     rec.item("shared_bulk lean", lambda: shared_bulk(support_fraction=METHODS["reverie_lean"].support_fraction))
     if cuda:
         rec.item("shared_bulk compiled", lambda: shared_bulk(compile=True), min_left_s=60)

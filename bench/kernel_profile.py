@@ -38,6 +38,7 @@ from bench.gpu_suite import Sizes, warm_state  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
+from model.float8 import use_float8  # noqa: E402
 from model.fused_loop import fused_loop_supported  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import compiled_writes  # noqa: E402
@@ -52,6 +53,8 @@ SUITE_SHAPES = {"train": (_SUITE.train_batch, _SUITE.seq_len), "sleep": _SUITE.s
 def training_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
+    if args.float8:
+        use_float8(lm)
     if args.compile_layers:
         lm.compile_layers()
 
@@ -95,6 +98,9 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
 
     config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
     teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
+    if args.float8:
+        for model in (lm, teacher):
+            use_float8(model)
     if args.compile_layers:
         for model in (lm, teacher):
             model.compile_layers()
@@ -186,6 +192,8 @@ def main() -> None:
                         help="train, sleep: bytes per row (default: the GPU suite's: train 2048, sleep 256)")
     parser.add_argument("--eager-writes", action="store_true", help="train: the eager memory write, not the compiled one")
     parser.add_argument("--compile-layers", action="store_true", help="train, sleep: ReverieLM.compile_layers() first")
+    parser.add_argument("--float8", action="store_true",
+                        help="train, sleep: the mixers', feed-forwards' and working memory's GEMMs in float8 first")
     parser.add_argument("--compile-loops", action="store_true",
                         help="train: each memory's span loop as one compiled function (compiled_writes(loops=True))")
     parser.add_argument("--learn", action="store_true", help="decode: write fast memory")
@@ -208,15 +216,17 @@ def main() -> None:
     if args.what == "train":
         step = training_step(lm, args, device)
         name = (f"train, writes {'eager' if args.eager_writes else 'compiled'}" + (", loops compiled" if args.compile_loops else "")
-                + (", layers compiled" if args.compile_layers else ""))
+                + (", layers compiled" if args.compile_layers else "") + (", float8" if args.float8 else ""))
         fused = fused_loop_supported(torch.empty(0, device=device)) and not args.compile_loops
         name += ", loops fused" if fused else ""
         settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers, "compile_loops": args.compile_loops,
+                    "float8": args.float8,
                     "write_loops": "fused kernels (model/fused_loop.py)" if fused else "torch"}
     elif args.what == "sleep":
         step = sleep_step(lm, args, device)
-        name = f"sleep b={args.batch}x{args.seq_len}" + (", layers compiled" if args.compile_layers else "")
-        settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers}
+        name = (f"sleep b={args.batch}x{args.seq_len}" + (", layers compiled" if args.compile_layers else "")
+                + (", float8" if args.float8 else ""))
+        settings = {"seq_len": args.seq_len, "compile_layers": args.compile_layers, "float8": args.float8}
     else:
         step = decode_step(lm, args, device)
         name = f"decode b={args.batch}, learn {'on' if args.learn else 'off'}" + (", compiled" if args.compile else "")
