@@ -24,7 +24,7 @@ from torch import nn
 
 from model.fast_state import FastState
 from model.lm import ReverieLM
-from model.memory import SpanPlan, rules_built_each_call
+from model.memory import SpanPlan, WriteRule, rules_held
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class GraphedStep:
         self.step = _Step(lm, learn, compile)
         self.weights = lm.autocast_matrices() if matrix_dtype is not None else {}
         self.matrices = {name: weight.detach().to(matrix_dtype) for name, weight in self.weights.items()}
+        self.rules = {kind.__name__: _copied(kind.stacked_rule(memories)) for kind, memories in lm.memories().items()}
         self.buffers = FastState.empty(lm.config, batch, device=device, dtype=dtype)
         self.byte = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -83,8 +84,9 @@ class GraphedStep:
         if self.matrices and not torch.is_autocast_enabled(self.byte.device.type):
             raise RuntimeError("a GraphedStep with matrix_dtype runs (and is captured) under torch.autocast; "
                                "create and call it inside an autocast context, or leave matrix_dtype None")
-        logits, out = torch.func.functional_call(self.step, {f"lm.{name}": m for name, m in self.matrices.items()},
-                                                 (self.byte, self.buffers))
+        with rules_held(self.rules):
+            logits, out = torch.func.functional_call(self.step, {f"lm.{name}": m for name, m in self.matrices.items()},
+                                                     (self.byte, self.buffers))
         for name, tensor in out.tensors().items():
             target = getattr(self.buffers, name)
             if tensor is not target:  # a tensor written in place is the buffer itself
@@ -95,12 +97,12 @@ class GraphedStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         # Warm-up: kernels built, workspaces allocated, a compiled step traced as it will be captured.
-        with torch.cuda.stream(stream), torch.no_grad(), rules_built_each_call():
+        with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(3):
                 self._advance()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad(), rules_built_each_call():
+        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
             self.logits = self._advance()
 
     def load(self, state: FastState) -> None:
@@ -109,8 +111,14 @@ class GraphedStep:
             raise ValueError(f"{state.batch_size} users do not fit a decode graph for {self.batch}")
         for name, tensor in state.tensors().items():
             getattr(self.buffers, name)[:state.batch_size].copy_(tensor)
-        if self.matrices:  # weights loaded in place since the last batch (a version, a delta)
+        # Weights loaded in place since the last batch (a version, a delta): the matrices and the
+        # write rules the graph reads are copies, made again.
+        if self.matrices:
             torch._foreach_copy_(list(self.matrices.values()), [w.detach() for w in self.weights.values()])
+        with torch.no_grad():
+            for kind, memories in self.lm.memories().items():
+                held, fresh = self.rules[kind.__name__], kind._build_rule(memories)
+                torch._foreach_copy_(_tensors(held), _tensors(fresh))
 
     @torch.no_grad()
     def __call__(self, byte: torch.Tensor) -> torch.Tensor:
@@ -126,6 +134,16 @@ class GraphedStep:
     def state(self, users: int) -> FastState:
         """The first `users` rows of the buffers, as a state of their own (a copy)."""
         return self.buffers.rows(slice(0, users)).clone()
+
+
+def _tensors(rule: WriteRule) -> list[torch.Tensor]:
+    return [t for t in (rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness) if t is not None]
+
+
+def _copied(rule: WriteRule) -> WriteRule:
+    """The rule in tensors of its own: the stacked rule may be the memories' cached one."""
+    return rule._replace(**{name: getattr(rule, name).detach().clone() for name in ("w1", "b1", "w2", "b2", "sharpness")
+                            if getattr(rule, name) is not None})
 
 
 @dataclass(frozen=True)

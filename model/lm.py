@@ -20,8 +20,8 @@ from model.config import ModelConfig
 from model.fast_state import FastState
 from model.layers import AffineScan, RMSNorm, WorkingMemory, feed_forward, float32_or_wider, init_weights
 from model.fused_write import fused_write_supported, write_slots_in_place
-from model.memory import (Closes, EpisodicMemory, Fold, ProceduralMemory, Slots, SpanPlan, SpanRun, Trace,
-                          close_spans, run_over_spans, span_sums)
+from model.memory import (Closes, EpisodicMemory, Fold, ProceduralMemory, SlotMemory, Slots, SpanPlan, SpanRun,
+                          Trace, close_spans, run_over_spans, span_sums)
 
 
 # FastState tensors with one row per layer (dim 1), and with one row per block.
@@ -178,6 +178,11 @@ class ReverieLM(nn.Module):
             block.episodic.read_pool = torch.compile(block.episodic.read_pool, backend=backend)
         self.working_memory.compile(backend=backend)
 
+    def memories(self) -> dict[type, list[SlotMemory]]:
+        """The procedural memories (one a layer) and the episodic ones (one a block), each in order."""
+        return {ProceduralMemory: [layer.procedural for block in self.blocks for layer in block.layers],
+                EpisodicMemory: [block.episodic for block in self.blocks]}
+
     def autocast_matrices(self) -> dict[str, nn.Parameter]:
         """The weights autocast casts at every call: the linear layers of the mixers, feed-forwards
         and working memory, by name. (The memories' own layers run with autocast off, in float32;
@@ -327,9 +332,9 @@ class ReverieLM(nn.Module):
         the sums to the traces too, so a compiled step neither adds them apart nor copies them back.
         Returns writes (b,) plus those made.
         """
-        layers = [layer.procedural for block in self.blocks for layer in block.layers]
-        groups = ((ProceduralMemory, layers, PM_FIELDS), (EpisodicMemory, [block.episodic for block in self.blocks],
-                                                          BLOCK_FIELDS))
+        memories = self.memories()
+        groups = ((ProceduralMemory, memories[ProceduralMemory], PM_FIELDS),
+                  (EpisodicMemory, memories[EpisodicMemory], BLOCK_FIELDS))
         with torch.autocast(device_type=writes.device.type, enabled=False):  # memory math in float32
             for kind, memories, fields in groups:
                 sums, count = pending[kind], len(pending[kind])

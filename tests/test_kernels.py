@@ -502,8 +502,9 @@ def test_gpu_suite_smoke_run_writes_every_section(tmp_path):
 
 def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
     """Decoding builds the stacked write rule once; a changed parameter (a new version, a delta)
-    builds it again; with autograd it is built every time (its stacks belong to the graph)."""
-    from model.memory import EpisodicMemory, rules_built_each_call
+    builds it again; with autograd it is built every time (its stacks belong to the graph); a
+    decode graph's step uses the rule it holds."""
+    from model.memory import EpisodicMemory, rules_held
 
     lm = ReverieLM(preset("tiny"))
     memories = [block.episodic for block in lm.blocks]
@@ -517,8 +518,9 @@ def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
     torch.testing.assert_close(changed.sharpness[1, 0, 0], memories[1].log_temperature.exp())
     torch.testing.assert_close(changed.b2[0], memories[0].neuromodulator.net[2].bias)
     assert EpisodicMemory.stacked_rule(memories) is not EpisodicMemory.stacked_rule(memories)
-    with torch.no_grad(), rules_built_each_call():  # as a decode graph is captured: never the cached stack
-        assert EpisodicMemory.stacked_rule(memories) is not changed
+    held = changed._replace(b1=changed.b1.clone())
+    with torch.no_grad(), rules_held({"EpisodicMemory": held}):  # as a decode graph runs: the rule it holds
+        assert EpisodicMemory.stacked_rule(memories) is held
     with torch.no_grad():
         assert EpisodicMemory.stacked_rule(memories) is changed
 

@@ -419,6 +419,30 @@ def test_decoding_through_decode_graph_buffers_equals_plain_decoding(tiny_model_
     assert list(graphs._steps) == [(4, learn, torch.float64)]  # three users share the bucket of four
 
 
+def test_a_decode_step_holds_its_write_rules_and_sees_neuromodulators_loaded_in_place(tiny_model):
+    """GraphedStep stacks the memories' write rules at `load`, not in the step: a neuromodulator's
+    weights changed in place (a version, a delta) must reach the next batch's writes."""
+    from model.decode_graph import GraphedStep
+
+    state = tiny_model(random_bytes(2, TINY.span - 1, seed=5))[1]  # both users' spans end at the next byte
+    byte = torch.tensor([3, 90])
+    step = GraphedStep(tiny_model, 2, True, torch.device("cpu"), capture=False)
+    neuromodulator = tiny_model.blocks[0].layers[0].procedural.neuromodulator.net[2]
+    original = neuromodulator.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            for shift in (0.0, -50.0):  # -50: the write gate shuts, this memory writes nothing
+                neuromodulator.bias.copy_(original + shift)
+                _, want = tiny_model.step(byte, state.clone())
+                step.load(state)
+                step(byte)
+                for name, tensor in want.tensors().items():
+                    torch.testing.assert_close(step.state(2).tensors()[name], tensor, msg=f"{name}, shift {shift}")
+    finally:
+        with torch.no_grad():
+            neuromodulator.bias.copy_(original)
+
+
 def test_a_decode_step_holding_its_matrices_in_bf16_equals_autocast_and_sees_weights_loaded_in_place(tiny_model):
     """GraphedStep(matrix_dtype=bf16) under autocast: the casts autocast would make at every step
     are made once a batch (`load`), so the step must give autocast's logits, also after a weight
