@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from model.fused_write import next_power_of_2
-from model.kernels import triton_kernels
+from model.kernels import kernels_available, triton_kernels
 from model.memory import WRITE_THRESHOLD, WriteRule
 
 
@@ -34,7 +34,7 @@ def fused_loop_supported(pool_values: torch.Tensor) -> bool:
     """Whether `fused_loop_rows` can run this loop: float32 CUDA tensors with Triton installed,
     outside torch.compile (which traces the torch loop instead: `compiled_writes(loops=True)`)."""
     return (pool_values.is_cuda and pool_values.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and triton_kernels("model.loop_kernel") is not None)
+            and kernels_available("model.loop_kernel"))
 
 
 def fused_loop_rows(rule: WriteRule, row_scores: torch.Tensor, pool_values: torch.Tensor, value_norms: torch.Tensor,

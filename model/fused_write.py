@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from model.kernels import triton_kernels
+from model.kernels import kernels_available, triton_kernels
 from model.memory import WRITE_THRESHOLD, Slots, Trace, WriteRule
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def fused_write_supported(slots: Slots) -> bool:
     if torch.is_grad_enabled():
         return False
     if keys.is_cuda:
-        return keys.dtype == torch.float32 and triton_kernels("model.write_kernel") is not None
+        return keys.dtype == torch.float32 and kernels_available("model.write_kernel")
     return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float64) and _cpu_kernel() is not None
 
 

@@ -8,6 +8,8 @@ import functools
 import importlib
 from types import ModuleType
 
+import torch
+
 
 @functools.cache
 def triton_kernels(module: str) -> ModuleType | None:
@@ -16,3 +18,11 @@ def triton_kernels(module: str) -> ModuleType | None:
         return importlib.import_module(module)
     except ImportError:  # pragma: no cover - depends on the machine
         return None
+
+
+@torch.compiler.assume_constant_result
+def kernels_available(module: str) -> bool:
+    """Whether `triton_kernels(module)` has kernels. A constant to torch.compile: traced, the import
+    it may run is a graph break (the decode step's write split its compiled graph in five, session
+    19), and the answer never changes within a process."""
+    return triton_kernels(module) is not None

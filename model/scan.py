@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.kernels import triton_kernels
+from model.kernels import kernels_available, triton_kernels
 
 # Tiles for d=768, T=256..2048, batch 16..192 on an H100/H200. 32 float32 channels are one 128-byte
 # segment of a time row, so each row of a tile is one coalesced access, and at batch 16 the grid
@@ -68,7 +68,7 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing: no graph break on the import
 def fused_scan_available() -> bool:
     """Whether float32 CUDA scans run the Triton kernels: Triton is installed."""
-    return triton_kernels("model.scan_kernel") is not None
+    return kernels_available("model.scan_kernel")
 
 
 @torch.compiler.disable  # an opaque Triton kernel with its own backward: torch.compile runs it as is

@@ -149,3 +149,25 @@ def test_the_triton_write_stays_inside_a_compiled_graph(slots, d):
     for name, a, b in zip(("keys", "values", "strengths", "trace keys", "trace values"), compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(compiled[3], state[3]), "the compiled write changed no buffer of the caller"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the CUDA write is a Triton kernel")
+def test_a_compiled_learning_decode_step_is_one_graph(monkeypatch):
+    """The decode step as a decode graph compiles it (held write rules, the Triton write), with the
+    CUDA path's calls on CPU tensors: dynamo traces it whole. Asking whether Triton is there used
+    to import inside the trace: a graph break before the writes, which split the step in five
+    graphs and ran the writes' concatenations eagerly (H200, session 19)."""
+    from model.decode_graph import sync_free_step
+    from model.memory import rules_held
+
+    monkeypatch.setattr(model.lm, "fused_write_supported",  # fused_write_supported's CUDA branch
+                        lambda slots: not torch.is_grad_enabled() and model.fused_write.kernels_available("model.write_kernel"))
+    monkeypatch.setattr(model.lm, "write_slots_in_place", triton_write_in_place)
+    torch.manual_seed(0)
+    lm = ReverieLM(preset("tiny")).eval()
+    state = lm(torch.randint(0, 256, (3, 2 * lm.config.span - 1)))[1]
+    rules = {kind.__name__: kind._build_rule(memories) for kind, memories in lm.memories().items()}
+    torch._dynamo.reset()
+    with torch.no_grad(), rules_held(rules):
+        explained = torch._dynamo.explain(sync_free_step)(lm, torch.tensor([1, 2, 3]), state, True, True)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
