@@ -1,6 +1,6 @@
 """Where float8 loses in a compiled feed-forward: one `base` layer's RMSNorm -> up -> GELU -> down,
 forward + backward at 32,768 rows (the sleep's student rows), compiled, bf16 (autocast) against
-model/float8.py's per-row float8 GEMMs, each as one CUDA graph replayed (median of 50).
+bench/float8_rowwise.py's per-row float8 GEMMs, each as one CUDA graph replayed (median of 50).
 
 Why: in the sleep's step (bench/NOTES.md, session 19) float8 made the GEMMs ~1.4x faster but the
 kernels inductor fused the per-row quantization into (the GELU's, the GELU backward's) ran at 2-3x
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gpu_suite import forward_backward_ms, rel_err  # noqa: E402
 from model.config import preset  # noqa: E402
-from model.float8 import use_float8  # noqa: E402
+from bench.float8_rowwise import use_float8  # noqa: E402
 from model.layers import RMSNorm, feed_forward  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ff_float8.json"

@@ -60,7 +60,7 @@ from bench.baselines import GPT  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from model.fast_state import FastState  # noqa: E402
-from model.float8 import float8_linear, use_float8  # noqa: E402
+from bench.float8_rowwise import float8_linear, use_float8  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import SpanPlan, compiled_writes  # noqa: E402
 
@@ -623,7 +623,7 @@ def section_checks(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         return {"ok": bool(same and roundtrip), "packed_equals_cpu": same, "roundtrip_exact": roundtrip}
 
     def float8_gemms() -> dict:
-        """model.float8.float8_linear (e4m3 forward and input gradient, bf16 weight gradient) against
+        """bench/float8_rowwise.float8_linear (e4m3 forward and input gradient, bf16 weight gradient) against
         float64 at the feed-forward's up projection, eagerly and compiled: e4m3 rounds ~3% an element."""
         g = torch.Generator(device=device).manual_seed(7)
         x = torch.randn(4096, 768, generator=g, device=device)
@@ -688,7 +688,7 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
             forward = lambda x: net(x)[0]  # noqa: E731
             flops_per_token = 6 * net.num_params() + 6 * config.d_model * config.window  # as train_throughput
         net.to(device)
-        float8 = variant.endswith("-float8")  # the GEMMs of the variant before it in float8 (model/float8.py)
+        float8 = variant.endswith("-float8")  # the GEMMs of the variant before it in float8 (bench/float8_rowwise.py)
         variant = variant.removesuffix("-float8")
         if float8:
             use_float8(net)
@@ -743,9 +743,9 @@ def section_training(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     # layers (`compile_layers`) and writes compiled, then the whole step graphed (compiled pieces
     # without the graph, session 3: 19.9K bytes/s, host-bound). The loops' compile takes minutes, so
     # it follows the quick ones; the eager variants run last.
-    variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph-compiled-float8", "reverie-graph",
-                 "reverie-graph-compiled-loops",
-                 "reverie-graph-compiled-writes", "reverie-eager-compiled-writes", "reverie-eager"]
+    variants = (["gpt-compile", "reverie-graph-compiled", "reverie-graph", "reverie-graph-compiled-loops",
+                 "reverie-graph-compiled-writes", "reverie-eager-compiled-writes", "reverie-eager",
+                 "reverie-graph-compiled-float8"]
                 if device.type == "cuda"
                 else ["gpt-eager", "reverie-eager"])
     for variant in variants:
@@ -886,12 +886,16 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     rehearsal = bytes(rng.randrange(32, 127) for _ in range(200_000))
 
-    def run(sleep_config: SleepConfig, texts: list[bytes], steps: int) -> float:
+    def run(sleep_config: SleepConfig, texts: list[bytes], steps: int, float8: bool = False) -> float:
         """Seconds per optimizer step of `consolidate` in its steady state: between the ends of its
         steps after the first WARMUP_STEPS + 1 (on_step reports each step once it has run; a graphed
-        night runs that many eagerly, then captures), after a 2-step run that compiles."""
+        night runs that many eagerly, then captures), after a 2-step run that compiles. float8: the
+        student's and teacher's GEMMs through bench/float8_rowwise.py."""
         torch.manual_seed(0)
         student, teacher = ReverieLM(config), ReverieLM(config)
+        if float8:
+            use_float8(student)
+            use_float8(teacher)
         state = warm_state(config, 1, device, seed=7, start=4 * config.span).to("cpu")
         replay = Replay(texts=texts, state=state)
         ends: list[float] = []  # consolidate runs its own autocast (SleepConfig.amp)
@@ -920,12 +924,12 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
         support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows);
-        graph: SleepConfig.cuda_graph; float8: SleepConfig.float8."""
+        graph: SleepConfig.cuda_graph; float8: the GEMMs in float8 (bench/float8_rowwise.py)."""
         batch, seq_len = sizes.sleep_bulk
         texts = [interaction() for _ in range(4096)]
         bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
-                                   support_fraction=support_fraction, cuda_graph=graph, float8=float8)
-        step_s = run(bulk, texts, sizes.sleep_steps)
+                                   support_fraction=support_fraction, cuda_graph=graph)
+        step_s = run(bulk, texts, sizes.sleep_steps, float8)
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,

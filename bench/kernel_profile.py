@@ -38,7 +38,7 @@ from bench.gpu_suite import Sizes, warm_state  # noqa: E402
 from model.decode_graph import GraphedStep  # noqa: E402
 from bench.results_file import save_section  # noqa: E402
 from model.config import preset  # noqa: E402
-from model.float8 import use_float8  # noqa: E402
+from bench.float8_rowwise import use_float8  # noqa: E402
 from model.fused_loop import fused_loop_supported  # noqa: E402
 from model.lm import ReverieLM, bits_per_byte  # noqa: E402
 from model.memory import compiled_writes  # noqa: E402

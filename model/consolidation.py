@@ -40,7 +40,6 @@ from model.bitdelta import BitDelta, compress
 from model.config import ModelConfig
 from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
-from model.float8 import use_float8
 from model.lm import ReverieLM
 from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep, on_device
 from model.training import StepCheck, autocast, unsynced_step
@@ -85,10 +84,6 @@ class SleepConfig:
     personal_delta: str = "dense"  # "dense" or "bitdelta" (1 bit per weight, lossy)
     amp: bool = True  # bf16 autocast on CUDA, as training; memory math stays float32 inside the model
     compile: bool = False  # torch.compile the student's and teacher's layers (ReverieLM.compile_layers)
-    # The student's and teacher's mixer, feed-forward and working-memory GEMMs in float8 (model/float8.py):
-    # faster on Hopper, ~3% rounding per element where bf16 has 0.4%; measured for forgetting in
-    # bench/sleep_days.py before any default uses it.
-    float8: bool = False
     # Replay each step as one CUDA graph after a few eager ones (model/sleep_graph.py). CUDA only, one
     # replay, a student not wrapped by DDP; elsewhere the steps stay eager (a warning says why).
     cuda_graph: bool = False
@@ -336,13 +331,10 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     student.to(device).train()
-    models = [m for m in (getattr(student, "module", student), teacher) if m is not None]  # DDP wraps a module
-    if config.float8:
-        for model in models:
-            use_float8(model)
     if config.compile:
-        for model in models:
-            model.compile_layers()
+        for model in (getattr(student, "module", student), teacher):  # DDP wraps the student's module
+            if model is not None:
+                model.compile_layers()
     anchor = {n: p.detach().clone() for n, p in student.named_parameters()} if config.anchor else None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)

@@ -81,15 +81,6 @@ def test_facts_taught_online_are_recalled_after_sleep_with_fast_memory_wiped(tau
     assert sum(recalled(personal, FACTS)) >= 2
 
 
-def test_a_float8_night_recalls_the_facts_too(taught, corpus):
-    """The GEMMs of the night in float8 (model/float8.py): rounding ~3% per element, facts still learned."""
-    model, state = taught
-    base = cpu_weights(model)
-    result = sleep(model.config, base, base, [Replay([f.text() for f in FACTS], state)], corpus.train[:100_000],
-                   dataclasses.replace(TEST_SLEEP, float8=True))
-    assert sum(recalled(model_from(model.config, result.weights), FACTS)) >= 2
-
-
 def test_another_user_without_the_delta_never_recalls_them(taught, slept):
     model, _ = taught
     base, _, _, _ = slept

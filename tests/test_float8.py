@@ -1,4 +1,4 @@
-"""Float8 linear layers: within e4m3's rounding of the exact product, and a swap that changes
+"""bench/float8_rowwise.py: within e4m3's rounding of the exact product, and a swap that changes
 nothing but the GEMMs."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from model.config import preset
-from model.float8 import Float8Linear, float8_linear, quantize_rows, use_float8
+from bench.float8_rowwise import Float8Linear, float8_linear, quantize_rows, use_float8
 from model.lm import ReverieLM
 
 

@@ -1,20 +1,26 @@
-"""Float8 linear layers for the sleep's bulk steps: the forward's and the input gradient's GEMMs in
-float8 (e4m3, one scale per row), the weight gradient's in bf16.
+"""Float8 linear layers, measured as a lever on the sleep's and training's GEMMs: the forward's and
+the input gradient's GEMMs in float8 (e4m3, one scale per row), the weight gradient's in bf16.
 
 Why: on the H200 (bench/NOTES.md, session 18) a sleep step spends 57% of its time in GEMMs already
 at ~90% of the bf16 rate, and float8 GEMMs ran ~1.65x faster. Per-tensor scales lost that to their
 casts: a whole-tensor amax is a pass of its own before the cast, and the weight gradient needs
 transposed float8 copies of the activations and gradients. One scale per row is a reduction over
 the row the producing kernel already holds (a norm, the GELU, the GELU's backward), so compiled, the
-cast fuses into it; and the two GEMMs that take per-row scales without a transpose are the forward
-(x @ W^T, rows of x and of W) and the input gradient (g @ W, rows of g and columns of W, which is a
-weight-sized transpose). The weight gradient (g^T @ x, summed over the rows) would need per-column
+cast can fuse into it; and the two GEMMs that take per-row scales without a transpose are the
+forward (x @ W^T, rows of x and of W) and the input gradient (g @ W, rows of g and columns of W,
+a weight-sized transpose). The weight gradient (g^T @ x, summed over the rows) would need per-column
 scales of the activations, so it stays bf16 on the bf16 input the autocast path would save anyway.
+
+Outcome (H200, session 19, bench/NOTES.md): the GEMMs got ~1.4x faster, but the kernels inductor
+fused the quantization into (the GELU's and its backward's, two passes each over 3072-wide rows)
+cost more than that saved: the compiled, graphed sleep step went from 69.7 to 80.9 ms. So this
+lives in bench/, not in the model: `gpu_suite.py` times it (`shared_bulk compiled graphed float8`,
+`reverie-graph-compiled-float8`), `ff_float8.py` isolates one layer, `kernel_profile.py --float8`.
 
 `use_float8(model)` converts a model's mixer, feed-forward and working-memory linear layers in place
 (as torchao's `convert_to_float8_training` does); the memories' own layers stay float32. Weights,
-parameter names and state dicts are unchanged. Rounding to e4m3 costs ~3% per element against bf16's
-~0.4%: `SleepConfig.float8` is a recipe measured for forgetting (bench/sleep_days.py), not a default.
+parameter names and state dicts are unchanged. Rounding to e4m3 costs ~3% per element against
+bf16's ~0.4%.
 """
 
 from __future__ import annotations
