@@ -6,14 +6,17 @@ finish, so a hang, a crash or an out-of-memory error loses only the rest of its 
 
     bandwidth   HBM copy bandwidth and bf16 matmul rate: the two ceilings (METHOD.md)
     checks      fast paths vs references on random inputs (scan, span reads, the fused memory
-                write, step vs forward, graphed decode, KV-cache GPT, BitDelta packing), relative errors
+                write, step vs forward, graphed decode, KV-cache GPT, BitDelta packing, the float8
+                GEMMs of bench/float8_rowwise.py), relative errors
     training    ReverieLM `base` vs the GPT baseline (bench/baselines.py), bf16 autocast, T=2048:
                 tokens/s, MFU, and the ratio; Reverie eager and as one CUDA graph, each with its memory
-                writes eager or compiled (model.memory.compiled_writes)
+                writes eager or compiled (model.memory.compiled_writes); last, with float8 GEMMs
     generation  decoding one byte per user with per-user states, batch 1/16/64/256, learn off/on,
-                eager and CUDA-graphed (and the graphed step compiled first at the two largest), vs
+                eager and CUDA-graphed (and the graphed step compiled first at the two largest, or
+                the --compiled-batches largest), vs
                 the GPT with a KV cache at 2K context
-    sleep       model.consolidation.consolidate on synthetic replay: interactions per second
+    sleep       model.consolidation.consolidate on synthetic replay: interactions per second (one
+                user's night; a shared bulk batch eager, graphed, compiled, lean, and with float8)
     bitdelta    pack/unpack/apply throughput as a fraction of the measured copy bandwidth
 
 Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a short table last.
@@ -82,6 +85,7 @@ class Sizes:
     train_warmup: int = 3
     train_steps: int = 8
     decode_batches: tuple[int, ...] = (1, 16, 64, 256)
+    decode_compiled: int = 2  # the largest decoding batches also run compiled (~30 s of compile each)
     decode_context: int = 2048
     decode_steps: int = 30
     sleep_preset: str = "base"
@@ -866,7 +870,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
                 rec.item(f"fused_write b={batch}", lambda b=batch: fused_write(b))
                 torch.cuda.empty_cache()
         if cuda:  # last, largest batches first: each compile takes ~30 s, and the section's budget may end
-            for batch in sorted(sizes.decode_batches, reverse=True)[:2]:
+            for batch in sorted(sizes.decode_batches, reverse=True)[:sizes.decode_compiled]:
                 for learn in (False, True):
                     rec.item(f"reverie b={batch} learn={'on' if learn else 'off'} graph+compile",
                              lambda b=batch, on=learn: reverie(b, on, True, compile=True), min_left_s=40)
@@ -1048,7 +1052,8 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
                    "--deadline", str(time.time() + timeout), "--train-variants", ",".join(TRAIN_VARIANTS),
                    "--items", ",".join(ITEMS),
                    "--train-batch", str(sizes.train_batch),
-                   "--decode-batches", ",".join(map(str, sizes.decode_batches))]
+                   "--decode-batches", ",".join(map(str, sizes.decode_batches)),
+                   "--compiled-batches", str(sizes.decode_compiled)]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()
@@ -1176,8 +1181,9 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=None,
                         help="training rows per step for every variant (default: Sizes.train_batch, 16 as calibrated)")
     parser.add_argument("--decode-batches", default=None,
-                        help="comma-separated decoding batches (default: Sizes.decode_batches, 1,16,64,256); "
-                             "the two largest also run compiled")
+                        help="comma-separated decoding batches (default: Sizes.decode_batches, 1,16,64,256)")
+    parser.add_argument("--compiled-batches", type=int, default=None, metavar="N",
+                        help="the N largest decoding batches also run compiled (default 2; each compile takes ~30 s)")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time budget (repeatable); the total budget grows to match")
     parser.add_argument("--section", help=argparse.SUPPRESS)
@@ -1199,6 +1205,10 @@ def main() -> None:
         if not all(b.isdigit() and int(b) > 0 for b in batches):
             parser.error(f"--decode-batches takes positive integers separated by commas, got {args.decode_batches!r}")
         sizes = dataclasses.replace(sizes, decode_batches=tuple(map(int, batches)))
+    if args.compiled_batches is not None:
+        if args.compiled_batches < 0:
+            parser.error(f"--compiled-batches takes a count >= 0, got {args.compiled_batches}")
+        sizes = dataclasses.replace(sizes, decode_compiled=args.compiled_batches)
     TRAIN_VARIANTS.extend(filter(None, args.train_variants.split(",")))
     ITEMS.extend(filter(None, args.items.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
