@@ -890,11 +890,11 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
 
     rehearsal = bytes(rng.randrange(32, 127) for _ in range(200_000))
 
-    def run(sleep_config: SleepConfig, texts: list[bytes], steps: int, float8: bool = False) -> float:
-        """Seconds per optimizer step of `consolidate` in its steady state: between the ends of its
-        steps after the first WARMUP_STEPS + 1 (on_step reports each step once it has run; a graphed
-        night runs that many eagerly, then captures), after a 2-step run that compiles. float8: the
-        student's and teacher's GEMMs through bench/float8_rowwise.py."""
+    def run(sleep_config: SleepConfig, texts: list[bytes], steps: int, float8: bool = False) -> list[float]:
+        """Seconds of each optimizer step of `consolidate` in its steady state: between the ends of
+        its steps after the first WARMUP_STEPS + 1 (on_step reports each step once it has run; a
+        graphed night runs that many eagerly, then captures), after a 2-step run that compiles.
+        float8: the student's and teacher's GEMMs through bench/float8_rowwise.py."""
         torch.manual_seed(0)
         student, teacher = ReverieLM(config), ReverieLM(config)
         if float8:
@@ -908,17 +908,24 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         consolidate(student, teacher, [replay], rehearsal, dataclasses.replace(sleep_config, steps=steps),
                     device=device, on_step=lambda step, loss: ends.append(time.perf_counter()))
         timed = ends[WARMUP_STEPS + 1:]
-        return (timed[-1] - timed[0]) / (len(timed) - 1)
+        return [after - before for before, after in zip(timed, timed[1:])]
+
+    def step_times(intervals: list[float]) -> dict:
+        """The mean step (what the throughput uses) and the spread of the steps around it: one slow
+        run (83 ms against ~69, session 19) could not say whether every step or one was slow."""
+        ms = sorted(1000 * t for t in intervals)
+        return {"step_ms": sum(ms) / len(ms), "step_ms_median": statistics.median(ms), "step_ms_min": ms[0],
+                "step_ms_max": ms[-1], "steps_timed": len(ms)}
 
     def per_user_night(graph: bool = False) -> dict:
         """The nightly recipe as the workers run it: one user's night, SleepConfig() steps.
         graph: SleepConfig.cuda_graph."""
         recipe = SleepConfig(cuda_graph=graph)
         texts = [interaction() for _ in range(sizes.sleep_users_texts)]
-        step_s = run(recipe, texts, sizes.sleep_steps)
-        night_s = step_s * recipe.steps
+        steps = step_times(run(recipe, texts, sizes.sleep_steps))
+        night_s = steps["step_ms"] / 1000 * recipe.steps
         return {"preset": sizes.sleep_preset, "recipe_steps": recipe.steps, "batch_size": recipe.batch_size,
-                "seq_len": recipe.seq_len, "cuda_graph": graph, "step_ms": step_s * 1000, "user_night_s": night_s,
+                "seq_len": recipe.seq_len, "cuda_graph": graph, **steps, "user_night_s": night_s,
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
@@ -933,10 +940,10 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         texts = [interaction() for _ in range(4096)]
         bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
                                    support_fraction=support_fraction, cuda_graph=graph)
-        step_s = run(bulk, texts, sizes.sleep_steps, float8)
+        steps = step_times(run(bulk, texts, sizes.sleep_steps, float8))
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
-        replayed_bytes_per_s = batch * seq_len / step_s  # the replay stream; earlier/rehearsal rows excluded
-        return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, "step_ms": step_s * 1000,
+        replayed_bytes_per_s = batch * seq_len / (steps["step_ms"] / 1000)  # the replay stream only
+        return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, **steps,
                 "support_fraction": support_fraction, "compile": compile, "cuda_graph": graph, "float8": float8,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
