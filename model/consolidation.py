@@ -314,7 +314,8 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
 
     student: a ReverieLM (or a wrapper of one, e.g. DDP) holding the starting weights, which are
         also the anchor. teacher: the weights that served these users (frozen), run with each
-        replay's FastState; None only when config.distill is off.
+        replay's FastState; None only when config.distill is off. On CUDA with config.amp its
+        matrices are stored in bf16 (`ReverieLM.hold_matrices`), the values autocast would give.
     replays: one entry per user whose material this sleep learns. rehearsal: base-corpus bytes.
     on_step(step, loss): called once that step's kernels have run, while the GPU runs the next one.
     A step whose loss or gradient is not finite is not applied; FloatingPointError says which.
@@ -338,6 +339,8 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     anchor = {n: p.detach().clone() for n, p in student.named_parameters()} if config.anchor else None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
+        if config.amp and torch.device(device).type == "cuda":  # it runs only under train_on's bf16 autocast
+            teacher.hold_matrices(torch.bfloat16)
     graphed = _can_graph(student, replays, config, device)
     # fused: the only AdamW that skips a non-finite step on the device (`unsynced_step`); the learning
     # rate a tensor, so that a captured step reads each step's.

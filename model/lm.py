@@ -193,6 +193,15 @@ class ReverieLM(nn.Module):
                   if isinstance(linear, nn.Linear)}
         return {name: p for name, p in self.named_parameters() if id(p) in wanted}
 
+    def hold_matrices(self, dtype: torch.dtype) -> None:
+        """Store `autocast_matrices()` in `dtype`, in place, for a model that runs only under an
+        autocast of that dtype and never learns (the sleep's teacher): autocast casts each matrix
+        at every call, the same values each time (base: 66 cast kernels in every sleep step)."""
+        wanted = {id(p) for p in self.autocast_matrices().values()}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in wanted:
+                module.to(dtype)
+
     # --- forward -------------------------------------------------------------------------------
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor):

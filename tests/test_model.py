@@ -479,3 +479,21 @@ def test_decode_graphs_leave_large_batches_to_plain_decoding_and_recapture_moved
     assert graphs.step_for(FastState.empty(TINY, 2), learn=True) is not first
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(tiny_model, DecodeGraphConfig(capture=True))
+
+
+def test_a_model_holding_its_matrices_in_bf16_gives_autocasts_logits_exactly():
+    """The sleep's teacher on CUDA (`ReverieLM.hold_matrices`): its matrices stored in bf16 once
+    give, under bf16 autocast, the logits of the float32 model whose matrices autocast casts at
+    every call; the memories' own layers stay float32."""
+    torch.manual_seed(0)
+    lm = ReverieLM(TINY).eval()
+    tokens = random_bytes(2, 3 * TINY.span + 5, seed=9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        want, want_state = lm(tokens, None, learn=True)
+        lm.hold_matrices(torch.bfloat16)
+        got, got_state = lm(tokens, None, learn=True)
+    assert all(p.dtype == torch.bfloat16 for p in lm.autocast_matrices().values())
+    assert all(p.dtype == torch.float32 for n, p in lm.named_parameters() if n not in lm.autocast_matrices())
+    assert torch.equal(got, want)
+    for name, tensor in want_state.tensors().items():
+        assert torch.equal(got_state.tensors()[name], tensor), name
