@@ -98,6 +98,8 @@ def sleep_step(lm: ReverieLM, args: argparse.Namespace, device: torch.device) ->
 
     config = SleepConfig(batch_size=args.batch, seq_len=args.seq_len)
     teacher = ReverieLM(lm.config).to(device).eval().requires_grad_(False)
+    if device.type == "cuda":  # as `consolidate` holds it under amp
+        teacher.hold_matrices(torch.bfloat16)
     if args.float8:
         for model in (lm, teacher):
             use_float8(model)
