@@ -71,7 +71,8 @@ class GraphedStep:
         self.step = _Step(lm, learn, compile)
         self.weights = lm.autocast_matrices() if matrix_dtype is not None else {}
         self.matrices = {name: weight.detach().to(matrix_dtype) for name, weight in self.weights.items()}
-        self.rules = {kind.__name__: _copied(kind.stacked_rule(memories)) for kind, memories in lm.memories().items()}
+        with torch.no_grad():  # tensors of the step's own, never the memories' cached rule
+            self.rules = {kind.__name__: kind._build_rule(memories) for kind, memories in lm.memories().items()}
         self.buffers = FastState.empty(lm.config, batch, device=device, dtype=dtype)
         self.byte = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -138,12 +139,6 @@ class GraphedStep:
 
 def _tensors(rule: WriteRule) -> list[torch.Tensor]:
     return [t for t in (rule.w1, rule.b1, rule.w2, rule.b2, rule.sharpness) if t is not None]
-
-
-def _copied(rule: WriteRule) -> WriteRule:
-    """The rule in tensors of its own: the stacked rule may be the memories' cached one."""
-    return rule._replace(**{name: getattr(rule, name).detach().clone() for name in ("w1", "b1", "w2", "b2", "sharpness")
-                            if getattr(rule, name) is not None})
 
 
 @dataclass(frozen=True)

@@ -341,9 +341,9 @@ class ReverieLM(nn.Module):
         the sums to the traces too, so a compiled step neither adds them apart nor copies them back.
         Returns writes (b,) plus those made.
         """
-        memories = self.memories()
-        groups = ((ProceduralMemory, memories[ProceduralMemory], PM_FIELDS),
-                  (EpisodicMemory, memories[EpisodicMemory], BLOCK_FIELDS))
+        by_kind = self.memories()
+        groups = ((ProceduralMemory, by_kind[ProceduralMemory], PM_FIELDS),
+                  (EpisodicMemory, by_kind[EpisodicMemory], BLOCK_FIELDS))
         with torch.autocast(device_type=writes.device.type, enabled=False):  # memory math in float32
             for kind, memories, fields in groups:
                 sums, count = pending[kind], len(pending[kind])

@@ -65,9 +65,9 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     return log_depth_scan(a, b)
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing: no graph break on the import
 def fused_scan_available() -> bool:
-    """Whether float32 CUDA scans run the Triton kernels: Triton is installed."""
+    """Whether float32 CUDA scans run the Triton kernels: Triton is installed (a constant to
+    torch.compile, through `kernels_available`)."""
     return kernels_available("model.scan_kernel")
 
 
