@@ -930,13 +930,15 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
     def shared_bulk(compile: bool = False, support_fraction: float = 1.0, graph: bool = False,
-                    float8: bool = False) -> dict:
+                    float8: bool = False, batch: int | None = None) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
         support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows);
-        graph: SleepConfig.cuda_graph; float8: the GEMMs in float8 (bench/float8_rowwise.py)."""
-        batch, seq_len = sizes.sleep_bulk
+        graph: SleepConfig.cuda_graph; float8: the GEMMs in float8 (bench/float8_rowwise.py); batch:
+        replay rows a step instead of sizes.sleep_bulk's (a step's fixed costs, the optimizer's and
+        the anchor's passes over the weights, spread over more bytes)."""
+        batch, seq_len = (batch or sizes.sleep_bulk[0]), sizes.sleep_bulk[1]
         texts = [interaction() for _ in range(4096)]
         bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
                                    support_fraction=support_fraction, cuda_graph=graph)
@@ -957,6 +959,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     if cuda:
         rec.item("shared_bulk graphed", lambda: shared_bulk(graph=True))
         rec.item("shared_bulk compiled graphed", lambda: shared_bulk(compile=True, graph=True), min_left_s=60)
+        rec.item("shared_bulk compiled graphed 2x batch",
+                 lambda: shared_bulk(compile=True, graph=True, batch=2 * sizes.sleep_bulk[0]), min_left_s=60)
         rec.item("shared_bulk compiled graphed float8", lambda: shared_bulk(compile=True, graph=True, float8=True),
                  min_left_s=60)
     rec.item("shared_bulk lean", lambda: shared_bulk(support_fraction=METHODS["reverie_lean"].support_fraction))
