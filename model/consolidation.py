@@ -42,7 +42,7 @@ from model.corpus import as_tensor, random_batch
 from model.fast_state import FastState
 from model.lm import ReverieLM
 from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep, on_device
-from model.training import StepCheck, autocast, unsynced_step
+from model.training import PendingCheck, StepCheck, autocast, unsynced_step
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
     graph = GraphedSleepStep(optimizer, device) if graphed else None
     sums: dict[str, Tensor] = {}
     window = max(1, config.steps // 4)
-    behind: tuple[int, StepCheck] | None = None
+    behind: tuple[int, PendingCheck] | None = None
     for step in range(config.steps):
         lr.fill_(config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
         which = step % len(replays)
@@ -366,7 +366,7 @@ def consolidate(student: nn.Module, teacher: ReverieLM | None, replays: Sequence
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
         if behind is not None:  # the step before: the host reads it while the GPU runs this one
             _verified(*behind, on_step)
-        behind = (step, check)
+        behind = (step, check.read_later())
     if behind is not None:
         _verified(*behind, on_step)
     return {name: float(total) / window for name, total in sums.items()}
@@ -386,7 +386,7 @@ def _can_graph(student: nn.Module, replays: Sequence[Replay], config: SleepConfi
     return why is None
 
 
-def _verified(step: int, check: StepCheck, on_step: Callable[[int, float], None] | None) -> None:
+def _verified(step: int, check: PendingCheck, on_step: Callable[[int, float], None] | None) -> None:
     loss = check.verify("sleep loss", step, "lower SleepConfig.lr")
     if on_step is not None:
         on_step(step, loss)

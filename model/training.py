@@ -94,20 +94,51 @@ def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.op
 
 @dataclass(frozen=True)
 class StepCheck:
-    """Whether a step of `unsynced_step` was applied, still on the device: `verify` reads it, which
-    waits for that step's kernels only."""
+    """Whether a step of `unsynced_step` was applied, still on the device."""
 
     skipped: torch.Tensor  # 0-dim bool
     loss: torch.Tensor
     grad_norm: torch.Tensor
 
+    def read_later(self) -> PendingCheck:
+        """Start copying the check to the host behind the step's kernels, without waiting.
+
+        Reading a CUDA tensor directly (`bool`, `float`) waits for every kernel queued on its
+        stream, those of the steps queued after this one too: a night that read step k-1's check
+        after queuing step k waited for step k, so the GPU sat idle while the host made step k+1's
+        rows (~5 ms of a ~70 ms graphed step at `base`, H200, bench/NOTES.md session 20).
+        """
+        values = torch.stack([self.skipped.float(), self.loss.float(), self.grad_norm.float()])
+        if not values.is_cuda:
+            return PendingCheck(values, None)
+        host = torch.empty(values.shape, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingCheck(host, copied)
+
     def verify(self, what: str, step: int, advice: str) -> float:
-        """The step's loss; FloatingPointError naming `what`, the step and `advice` if it was skipped."""
-        if bool(self.skipped):
-            raise FloatingPointError(f"{what} at step {step} was {float(self.loss)} with gradient norm "
-                                     f"{float(self.grad_norm)}; the step was skipped, so no weight holds a NaN; "
-                                     f"{advice}")
-        return float(self.loss)
+        """The step's loss, once the step has run; see `PendingCheck.verify`."""
+        return self.read_later().verify(what, step, advice)
+
+
+@dataclass(frozen=True)
+class PendingCheck:
+    """A StepCheck's values (skipped, loss, gradient norm) on their way to the host."""
+
+    values: torch.Tensor  # on the host; pinned while a copy fills it
+    copied: torch.cuda.Event | None  # None: already there
+
+    def verify(self, what: str, step: int, advice: str) -> float:
+        """The step's loss, waiting for the copy only; FloatingPointError naming `what`, the step and
+        `advice` if the step was skipped."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        skipped, loss, grad_norm = self.values.tolist()
+        if skipped:
+            raise FloatingPointError(f"{what} at step {step} was {loss} with gradient norm {grad_norm}; the step "
+                                     f"was skipped, so no weight holds a NaN; {advice}")
+        return loss
 
 
 def unsynced_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
