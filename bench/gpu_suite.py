@@ -929,24 +929,29 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
                 "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
-    def shared_bulk(compile: bool = False, support_fraction: float = 1.0, graph: bool = False,
-                    float8: bool = False, batch: int | None = None) -> dict:
+    def shared_bulk(compile: bool = False, recipe: str = "reverie", graph: bool = False,
+                    float8: bool = False, batch: int | None = None, rehearsal_fraction: float | None = None) -> dict:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
-        support_fraction: SleepConfig's (the lean recipe reads a quarter of the other rows);
+        recipe: which of model.consolidation.METHODS (the lean one reads a quarter of the other rows);
         graph: SleepConfig.cuda_graph; float8: the GEMMs in float8 (bench/float8_rowwise.py); batch:
         replay rows a step instead of sizes.sleep_bulk's (a step's fixed costs, the optimizer's and
-        the anchor's passes over the weights, spread over more bytes)."""
+        the anchor's passes over the weights, spread over more bytes); rehearsal_fraction: the recipe's
+        rehearsal rows, a share of the replayed ones (a bulk night has no earlier turns, so the student
+        reads replay + rehearsal rows and the teacher the replay rows)."""
         batch, seq_len = (batch or sizes.sleep_bulk[0]), sizes.sleep_bulk[1]
         texts = [interaction() for _ in range(4096)]
-        bulk = dataclasses.replace(SleepConfig(), batch_size=batch, seq_len=seq_len, compile=compile,
-                                   support_fraction=support_fraction, cuda_graph=graph)
+        bulk = dataclasses.replace(METHODS[recipe], batch_size=batch, seq_len=seq_len, compile=compile,
+                                   cuda_graph=graph)
+        if rehearsal_fraction is not None:
+            bulk = dataclasses.replace(bulk, rehearsal_fraction=rehearsal_fraction)
         steps = step_times(run(bulk, texts, sizes.sleep_steps, float8))
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / (steps["step_ms"] / 1000)  # the replay stream only
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, **steps,
-                "support_fraction": support_fraction, "compile": compile, "cuda_graph": graph, "float8": float8,
+                "recipe": recipe, "earlier_fraction": bulk.earlier_fraction,
+                "rehearsal_fraction": bulk.rehearsal_fraction, "compile": compile, "cuda_graph": graph, "float8": float8,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
                 "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
@@ -961,9 +966,12 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         rec.item("shared_bulk compiled graphed", lambda: shared_bulk(compile=True, graph=True), min_left_s=60)
         rec.item("shared_bulk compiled graphed 2x batch",
                  lambda: shared_bulk(compile=True, graph=True, batch=2 * sizes.sleep_bulk[0]), min_left_s=60)
+        for share in (0.5, 0.25):
+            rec.item(f"shared_bulk compiled graphed rehearsal {share}",
+                     lambda share=share: shared_bulk(compile=True, graph=True, rehearsal_fraction=share), min_left_s=60)
         rec.item("shared_bulk compiled graphed float8", lambda: shared_bulk(compile=True, graph=True, float8=True),
                  min_left_s=60)
-    rec.item("shared_bulk lean", lambda: shared_bulk(support_fraction=METHODS["reverie_lean"].support_fraction))
+    rec.item("shared_bulk lean", lambda: shared_bulk(recipe="reverie_lean"))
     if cuda:
         rec.item("shared_bulk compiled", lambda: shared_bulk(compile=True), min_left_s=60)
 

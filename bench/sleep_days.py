@@ -15,7 +15,7 @@ The sleep here is `model.consolidation.sleep` called directly (the same function
 the nightly flow run), so the numbers measure the learning, not Prefect or Ray.
 
     python bench/sleep_days.py --days 30            # writes bench/results/sleep_days.{json,png}
-    python bench/sleep_days.py --methods reverie,half --recipe half:support_fraction=0.5,earlier_weight=4 \
+    python bench/sleep_days.py --methods reverie,half --recipe half:earlier_fraction=0.5,rehearsal_fraction=0.5,earlier_weight=4 \
         --seed 1 --out /tmp/half-seed1                 # a recipe of your own against the default
 """
 

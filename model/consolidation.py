@@ -71,12 +71,13 @@ class SleepConfig:
     earlier_weight: float = 2.0
     rehearsal: bool = True  # LM loss on the base corpus
     rehearsal_weight: float = 1.0
-    # Rows of earlier turns and of rehearsal a step reads, as a share of batch_size (at least 1 each).
+    # Rows of earlier turns and of rehearsal a step reads, each a share of batch_size (at least 1).
     # They are most of a step's arithmetic (3 student streams and the teacher read 20N FLOP per
-    # replayed byte at 1.0, 11N at 0.25), so this is the lever on a bulk night's speed; at 0.25
-    # (`reverie_lean`) bench/sleep_days.py measured forgetting: recall of all facts taught fell to
-    # 0.82 by day 30 (0.5 on day 1), where 1.0 keeps 1.0.
-    support_fraction: float = 1.0
+    # replayed byte at 1.0 each, 11N at 0.25 each), so they are the levers on a bulk night's speed.
+    # bench/sleep_days.py measured what each costs: a quarter of both (`reverie_lean`) forgot, recall
+    # of all facts taught fell to 0.82 by day 30 (0.5 on day 1) where 1.0 keeps 1.0.
+    earlier_fraction: float = 1.0
+    rehearsal_fraction: float = 1.0
     anchor: bool = True  # L2 pull towards the weights the sleep started from
     anchor_weight: float = 1e-4
     distill_rehearsal: bool = False  # KL from the teacher on the rehearsal rows too (a new architecture)
@@ -94,8 +95,9 @@ class SleepConfig:
                     for name in ("steps", "batch_size", "seq_len", "architecture_steps") if getattr(self, name) < 1]
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.support_fraction <= 1:
-            problems.append(f"support_fraction must be in (0, 1], got {self.support_fraction}")
+        for name in ("earlier_fraction", "rehearsal_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not (self.replay or self.distill):
             problems.append("a sleep needs replay or distill (or both): otherwise it learns nothing new")
         if self.personal_delta not in ("dense", "bitdelta"):
@@ -122,7 +124,7 @@ METHODS: dict[str, SleepConfig] = {
     "reverie": SleepConfig(),
     "naive_finetune": SleepConfig(distill=False, earlier_replay=False, rehearsal=False, anchor=False),
     "rehearsal_only": SleepConfig(distill=False, earlier_replay=False, anchor=False),
-    "reverie_lean": SleepConfig(support_fraction=0.25),  # a quarter of the earlier and rehearsal rows: forgets
+    "reverie_lean": SleepConfig(earlier_fraction=0.25, rehearsal_fraction=0.25),  # forgets
 }
 
 
@@ -244,12 +246,11 @@ def step_rows(replay: Replay, rehearsal: Tensor | None, config: SleepConfig, rng
     """Tonight's, earlier and rehearsal crops of one step, in one batch: the student reads them in
     one forward instead of three."""
     b, t = config.batch_size, config.seq_len
-    support = max(1, round(b * config.support_fraction))
     batches = {"replay": replay_batch(replay.texts, b, t, rng)}
     if config.earlier_replay and replay.earlier:
-        batches["earlier"] = replay_batch(replay.earlier, support, t, rng)
+        batches["earlier"] = replay_batch(replay.earlier, max(1, round(b * config.earlier_fraction)), t, rng)
     if rehearsal is not None:
-        batches["rehearsal"] = random_batch(rehearsal, support, t, generator)
+        batches["rehearsal"] = random_batch(rehearsal, max(1, round(b * config.rehearsal_fraction)), t, generator)
     streams, start = {}, 0
     for stream, (x, _) in batches.items():
         streams[stream] = slice(start, start + x.shape[0])

@@ -123,7 +123,7 @@ def test_naive_recipe_turns_off_distill_earlier_replay_rehearsal_and_anchor():
 
 
 def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
-    """support_fraction cuts the rows of the earlier and rehearsal streams, not the replayed ones,
+    """earlier_fraction and rehearsal_fraction cut the rows of their streams, not the replayed ones,
     and every ingredient still reports its loss."""
     import random
 
@@ -141,8 +141,14 @@ def test_a_lean_sleep_reads_a_share_of_the_earlier_and_rehearsal_rows(corpus):
     parts = _step_losses(student, teacher, rows.data, rows.streams, None, lean)
     assert read == [(8 + 2 + 2, 16)]
     assert set(parts) == {"replay_bpb", "earlier_bpb", "rehearsal_bpb", "distill"}
-    with pytest.raises(ValueError, match="support_fraction"):
-        SleepConfig(support_fraction=0.0)
+    half_rehearsal = dataclasses.replace(lean, earlier_fraction=1.0, rehearsal_fraction=0.5)
+    rows = step_rows(replay, as_tensor(corpus.train[:5000]), half_rehearsal, random.Random(0),
+                     torch.Generator().manual_seed(0))
+    assert rows.streams == {"replay": slice(0, 8), "earlier": slice(8, 16), "rehearsal": slice(16, 20)}
+    with pytest.raises(ValueError, match="rehearsal_fraction"):
+        SleepConfig(rehearsal_fraction=0.0)
+    with pytest.raises(ValueError, match="earlier_fraction"):
+        SleepConfig(earlier_fraction=1.5)
 
 
 def test_a_step_whose_loss_is_not_finite_is_skipped_and_named(taught, corpus):
