@@ -1249,6 +1249,8 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("gpu_smoke.json" if args.smoke else "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     device_out = os.environ.get("OUT")  # the device tool's folder that comes back
+    if device_out and out.resolve().is_relative_to(Path(device_out).resolve()):
+        device_out = None  # --out already lands there; a second run would overwrite the first's gpu.json
     for name in args.sections.split(","):
         results[name] = run_section(name, sizes, args.smoke, deadline)
         results["meta"]["total_s"] = time.monotonic() - started
