@@ -25,6 +25,7 @@ Pure torch: no Ray, no Prefect, no I/O.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -265,16 +266,17 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, s
     a `StepRows.data` on the device."""
     b = config.batch_size
     inputs, targets = chunk[:, :-1], chunk[:, 1:].long()
+    if config.distill:
+        state, positions = (None, None) if teacher_state is None else (teacher_state.state, teacher_state.positions)
+        teacher_logits = _beside(lambda: teacher(inputs[:b], state, learn=False, positions=positions)[0],
+                                 chunk.device)
     logits, _ = student(inputs, None, learn=False)
     parts: dict[str, Tensor] = {}
     for stream, rows in streams.items():
         if stream != "replay" or config.replay:
             parts[f"{stream}_bpb"] = _lm_loss(logits[rows], targets[rows]) / math.log(2)
     if config.distill:
-        state, positions = (None, None) if teacher_state is None else (teacher_state.state, teacher_state.positions)
-        with torch.no_grad():
-            teacher_logits, _ = teacher(inputs[:b], state, learn=False, positions=positions)
-        parts["distill"] = _distill_loss(logits[:b], teacher_logits, targets[:b], config.temperature)
+        parts["distill"] = _distill_loss(logits[:b], teacher_logits(), targets[:b], config.temperature)
         if config.distill_rehearsal and "rehearsal" in streams:
             rows = streams["rehearsal"]
             with torch.no_grad():
@@ -282,6 +284,32 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, s
             parts["rehearsal_distill"] = _distill_loss(logits[rows], rehearsal_logits, targets[rows],
                                                        config.temperature, only_known=False)
     return parts
+
+
+def _beside(run: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]:
+    """Start `run` (the teacher's forward) without gradients on a second CUDA stream, beside the
+    student's forward on the current one; the returned function waits for it and gives its result.
+    The teacher needs nothing the student computes, so its kernels fill the gaps and tails of the
+    student's. Elsewhere `run` runs at once."""
+    if device.type != "cuda":
+        with torch.no_grad():
+            result = run()
+        return lambda: result
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side), torch.no_grad():
+        result = run()
+
+    def joined() -> Tensor:
+        main.wait_stream(side)
+        result.record_stream(main)  # made on the side stream, freed on the main one
+        return result
+    return joined
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, streams: Mapping[str, slice],
