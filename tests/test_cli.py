@@ -36,3 +36,11 @@ def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
     result = reverie("generate", "--user", "bob", "hi", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "reverie train" in result.stderr
+
+
+def test_sleep_names_a_bad_recipe_value_before_starting_anything(tmp_path):
+    env = {**os.environ, "REVERIE_DATA": str(tmp_path / "data")}
+    result = reverie("sleep", "--rehearsal-fraction", "0", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "rehearsal_fraction must be in (0, 1], got 0.0" in result.stdout
+    assert not (tmp_path / "data").exists()  # nothing was started or written
