@@ -31,10 +31,12 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from model.bitdelta import FORMAT as BITDELTA_FORMAT
 from model.bitdelta import BitDelta, compress
@@ -46,6 +48,7 @@ from model.sleep_graph import WARMUP_STEPS, GraphedSleepStep, on_device
 from model.training import PendingCheck, StepCheck, autocast, unsynced_step
 
 DENSE_FORMAT = "reverie.dense_delta.v1"
+Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 Weights = dict[str, Tensor]
 
@@ -192,17 +195,28 @@ class AnchorPull:
     autograd: its value for the metrics, and its gradient added straight to the parameters' own
     (`add_gradient`). As an autograd term it ran ~3 small kernels per parameter forward and as many
     backward (~200 parameters at `base`: ~1,200 launches a sleep step, H200 profile, session 13);
-    the multi-tensor ops here are a few launches in all.
+    the multi-tensor ops here are a few launches in all. On CUDA the distances and their value are
+    computed on a second stream (`_beside`) while the step's forward runs: two passes over every
+    weight that need nothing the forward computes.
     """
 
-    def __init__(self, model: nn.Module, anchor: Mapping[str, Tensor]) -> None:
+    def __init__(self, model: nn.Module, anchor: Mapping[str, Tensor], device: torch.device) -> None:
         named = [(name, p) for name, p in model.named_parameters() if name in anchor]
         self.parameters = [p for _, p in named]
-        with torch.no_grad():
-            self.distances = torch._foreach_sub(self.parameters, [anchor[name] for name, _ in named])
+        anchors = [anchor[name] for name, _ in named]
 
+        def distances_and_value() -> tuple[list[Tensor], Tensor]:
+            distances = torch._foreach_sub(self.parameters, anchors)
+            return distances, torch.stack(torch._foreach_norm(distances)).square().sum()
+        self._computed = _beside(distances_and_value, device)
+
+    @functools.cached_property
+    def distances(self) -> list[Tensor]:
+        return self._computed()[0]
+
+    @functools.cached_property
     def value(self) -> Tensor:
-        return torch.stack(torch._foreach_norm(self.distances)).square().sum()
+        return self._computed()[1]
 
     @torch.no_grad()
     def add_gradient(self, weight: float) -> None:
@@ -212,6 +226,37 @@ class AnchorPull:
         if reached:
             grads, distances = zip(*reached)
             torch._foreach_add_(list(grads), list(distances), alpha=2.0 * weight)
+
+
+def _beside(run: Callable[[], Result], device: torch.device) -> Callable[[], Result]:
+    """Start `run` without gradients on a second CUDA stream, beside the work that follows on the
+    current one; the returned function waits for it (once) and gives its result. For work that needs
+    nothing the step computes (the teacher's forward, the anchor's distances), so that its kernels
+    fill the gaps and tails of the student's. Elsewhere `run` runs at once."""
+    if device.type != "cuda":
+        with torch.no_grad():
+            result = run()
+        return lambda: result
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side), torch.no_grad():
+        result = run()
+    joined = False
+
+    def join() -> Result:
+        nonlocal joined
+        if not joined:
+            joined = True
+            main.wait_stream(side)
+            for tensor in tree_leaves(result):
+                tensor.record_stream(main)  # made on the side stream, used and freed on the main one
+        return result
+    return join
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 # --- the sleep ----------------------------------------------------------------------------------
@@ -286,32 +331,6 @@ def _step_losses(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, s
     return parts
 
 
-def _beside(run: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]:
-    """Start `run` (the teacher's forward) without gradients on a second CUDA stream, beside the
-    student's forward on the current one; the returned function waits for it and gives its result.
-    The teacher needs nothing the student computes, so its kernels fill the gaps and tails of the
-    student's. Elsewhere `run` runs at once."""
-    if device.type != "cuda":
-        with torch.no_grad():
-            result = run()
-        return lambda: result
-    main, side = torch.cuda.current_stream(device), _side_stream(device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side), torch.no_grad():
-        result = run()
-
-    def joined() -> Tensor:
-        main.wait_stream(side)
-        result.record_stream(main)  # made on the side stream, freed on the main one
-        return result
-    return joined
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
 def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, streams: Mapping[str, slice],
              teacher_state: TeacherState | None, config: SleepConfig, optimizer: torch.optim.Optimizer,
              anchor: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], StepCheck]:
@@ -320,6 +339,7 @@ def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, strea
     `optimizer` fused). No host syncs, so model/sleep_graph.py can capture it; `consolidate` runs
     it on each step's `step_rows`, bench/kernel_profile.py profiles one. Returns the loss terms
     and the step's check."""
+    pull = None if anchor is None else AnchorPull(student, anchor, chunk.device)  # beside the forward
     with autocast(chunk.device, config.amp, cache=False):  # right whether or not the caller is in autocast
         parts = _step_losses(student, teacher, chunk, streams, teacher_state, config)
     scales = {"replay_bpb": math.log(2), "distill": config.distill_weight,  # bits per byte -> nats, weighted
@@ -327,9 +347,8 @@ def train_on(student: nn.Module, teacher: ReverieLM | None, chunk: Tensor, strea
               "earlier_bpb": config.earlier_weight * math.log(2),
               "rehearsal_bpb": config.rehearsal_weight * math.log(2)}
     loss = sum(scales[name] * value for name, value in parts.items())
-    pull = None if anchor is None else AnchorPull(student, anchor)
     if pull is not None:
-        parts["anchor"] = pull.value()
+        parts["anchor"] = pull.value
         loss = loss + config.anchor_weight * parts["anchor"]
     check = unsynced_step(loss, student, optimizer, config.grad_clip,
                           before_clip=None if pull is None else lambda: pull.add_gradient(config.anchor_weight))

@@ -197,8 +197,8 @@ def test_the_anchor_pull_adds_the_gradient_of_the_squared_distance_to_the_anchor
     loss = model(torch.randn(5, 3))[:, 0].sum()
     penalty = sum((p - anchor[name]).pow(2).sum() for name, p in model.named_parameters())
     expected = torch.autograd.grad(loss + weight * penalty, list(model.parameters()), retain_graph=True)
-    pull = AnchorPull(model, anchor)
-    torch.testing.assert_close(pull.value(), penalty.detach())
+    pull = AnchorPull(model, anchor, torch.device("cpu"))
+    torch.testing.assert_close(pull.value, penalty.detach())
     loss.backward()
     model[1].bias.grad = None  # as if forward had not used it
     pull.add_gradient(weight)
