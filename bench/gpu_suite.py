@@ -1072,7 +1072,7 @@ def run_section(name: str, sizes: Sizes, smoke: bool, deadline: float) -> dict:
                    "--items", ",".join(ITEMS),
                    "--train-batch", str(sizes.train_batch),
                    "--decode-batches", ",".join(map(str, sizes.decode_batches)),
-                   "--compiled-batches", str(sizes.decode_compiled)]
+                   "--compiled-batches", str(sizes.decode_compiled), "--sleep-steps", str(sizes.sleep_steps)]
         if smoke:
             command.append("--smoke")
         started = time.monotonic()
@@ -1203,6 +1203,9 @@ def main() -> None:
                         help="comma-separated decoding batches (default: Sizes.decode_batches, 1,16,64,256)")
     parser.add_argument("--compiled-batches", type=int, default=None, metavar="N",
                         help="the N largest decoding batches also run compiled (default 2; each compile takes ~30 s)")
+    parser.add_argument("--sleep-steps", type=int, default=None, metavar="N",
+                        help="optimizer steps of each sleep item (default 20; the first few run eagerly and are "
+                             "not timed): more steps, a steadier mean")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time budget (repeatable); the total budget grows to match")
     parser.add_argument("--section", help=argparse.SUPPRESS)
@@ -1224,6 +1227,10 @@ def main() -> None:
         if not all(b.isdigit() and int(b) > 0 for b in batches):
             parser.error(f"--decode-batches takes positive integers separated by commas, got {args.decode_batches!r}")
         sizes = dataclasses.replace(sizes, decode_batches=tuple(map(int, batches)))
+    if args.sleep_steps is not None:
+        if args.sleep_steps < 8:
+            parser.error(f"--sleep-steps takes at least 8 (4 run before the timed ones), got {args.sleep_steps}")
+        sizes = dataclasses.replace(sizes, sleep_steps=args.sleep_steps)
     if args.compiled_batches is not None:
         if args.compiled_batches < 0:
             parser.error(f"--compiled-batches takes a count >= 0, got {args.compiled_batches}")
