@@ -106,7 +106,8 @@ class StepCheck:
         Reading a CUDA tensor directly (`bool`, `float`) waits for every kernel queued on its
         stream, those of the steps queued after this one too: a night that read step k-1's check
         after queuing step k waited for step k, so the GPU sat idle while the host made step k+1's
-        rows (~5 ms of a ~70 ms graphed step at `base`, H200, bench/NOTES.md session 20).
+        rows. That idle time was small at `base` on an H200 (bench/NOTES.md, session 20), but the
+        steps' ends the host saw bunched up (0.05 ms to 86 ms apart), so no step could be timed.
         """
         values = torch.stack([self.skipped.float(), self.loss.float(), self.grad_norm.float()])
         if not values.is_cuda:
