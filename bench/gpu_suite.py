@@ -16,7 +16,8 @@ finish, so a hang, a crash or an out-of-memory error loses only the rest of its 
                 the --compiled-batches largest), vs
                 the GPT with a KV cache at 2K context
     sleep       model.consolidation.consolidate on synthetic replay: interactions per second (one
-                user's night; a shared bulk batch eager, graphed, compiled, lean, and with float8)
+                user's night; a shared bulk batch eager, graphed, compiled, lean, with float8, at
+                twice the batch, and with a half or a quarter of the rehearsal rows)
     bitdelta    pack/unpack/apply throughput as a fraction of the measured copy bandwidth
 
 Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a short table last.
