@@ -951,8 +951,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         mean_bytes = sum(len(t) + 1 for t in texts) / len(texts)
         replayed_bytes_per_s = batch * seq_len / (steps["step_ms"] / 1000)  # the replay stream only
         return {"preset": sizes.sleep_preset, "batch_size": batch, "seq_len": seq_len, **steps,
-                "recipe": recipe, "earlier_fraction": bulk.earlier_fraction,
-                "rehearsal_fraction": bulk.rehearsal_fraction, "compile": compile, "cuda_graph": graph, "float8": float8,
+                "recipe": recipe, "earlier_fraction": bulk.earlier_fraction, "rehearsal_fraction": bulk.rehearsal_fraction,
+                "compile": compile, "cuda_graph": graph, "float8": float8,
                 "replay_bytes_per_s": replayed_bytes_per_s, "interaction_bytes": mean_bytes,
                 "interactions_per_s": replayed_bytes_per_s / mean_bytes,
                 "definition": "replayed bytes per second / bytes per interaction (each seen once)"}
