@@ -1229,8 +1229,9 @@ def main() -> None:
             parser.error(f"--decode-batches takes positive integers separated by commas, got {args.decode_batches!r}")
         sizes = dataclasses.replace(sizes, decode_batches=tuple(map(int, batches)))
     if args.sleep_steps is not None:
-        if args.sleep_steps < 8:
-            parser.error(f"--sleep-steps takes at least 8 (4 run before the timed ones), got {args.sleep_steps}")
+        if args.sleep_steps < 6:
+            parser.error(f"--sleep-steps takes at least 6 (4 run before the timed ones, and a step's time needs "
+                         f"two ends after them), got {args.sleep_steps}")
         sizes = dataclasses.replace(sizes, sleep_steps=args.sleep_steps)
     if args.compiled_batches is not None:
         if args.compiled_batches < 0:
