@@ -212,11 +212,11 @@ class AnchorPull:
             return distances, torch.stack(torch._foreach_norm(distances)).square().sum()
         self._computed = _beside(distances_and_value, device)
 
-    @functools.cached_property
+    @property
     def distances(self) -> list[Tensor]:
         return self._computed()[0]
 
-    @functools.cached_property
+    @property
     def value(self) -> Tensor:
         return self._computed()[1]
 
