@@ -17,7 +17,7 @@ finish, so a hang, a crash or an out-of-memory error loses only the rest of its 
                 the GPT with a KV cache at 2K context
     sleep       model.consolidation.consolidate on synthetic replay: interactions per second (one
                 user's night; a shared bulk batch eager, graphed, compiled, lean, with float8, at
-                twice the batch, and with a half or a quarter of the rehearsal rows)
+                twice the batch, with a half or a quarter of the rehearsal rows, and reverie_fast's)
     bitdelta    pack/unpack/apply throughput as a fraction of the measured copy bandwidth
 
 Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a short table last.
@@ -935,7 +935,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         """Throughput bound: one big-batch consolidation over many users' interactions; an
         interaction counts as consolidated once its bytes have been replayed once. compile:
         SleepConfig.compile (the student's and teacher's layers compiled in the warm-up run);
-        recipe: which of model.consolidation.METHODS (the lean one reads a quarter of the other rows);
+        recipe: which of model.consolidation.METHODS (the lean one reads a quarter of the other rows,
+        reverie_fast a quarter of the rehearsal rows);
         graph: SleepConfig.cuda_graph; float8: the GEMMs in float8 (bench/float8_rowwise.py); batch:
         replay rows a step instead of sizes.sleep_bulk's (a step's fixed costs, the optimizer's and
         the anchor's passes over the weights, spread over more bytes); rehearsal_fraction: the recipe's
@@ -970,6 +971,8 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         for share in (0.5, 0.25):
             rec.item(f"shared_bulk compiled graphed rehearsal {share}",
                      lambda share=share: shared_bulk(compile=True, graph=True, rehearsal_fraction=share), min_left_s=60)
+        rec.item("shared_bulk compiled graphed reverie_fast",
+                 lambda: shared_bulk(compile=True, graph=True, recipe="reverie_fast"), min_left_s=60)
         rec.item("shared_bulk compiled graphed float8", lambda: shared_bulk(compile=True, graph=True, float8=True),
                  min_left_s=60)
     rec.item("shared_bulk lean", lambda: shared_bulk(recipe="reverie_lean"))

@@ -44,3 +44,14 @@ def test_sleep_names_a_bad_recipe_value_before_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "rehearsal_fraction must be in (0, 1], got 0.0" in result.stdout
     assert not (tmp_path / "data").exists()  # nothing was started or written
+
+
+def test_sleep_recipe_is_its_fields_then_the_flags_given():
+    """`reverie sleep --recipe reverie_fast` passes the flow what that recipe changes; a flag given
+    on top wins, and one not given changes nothing."""
+    from pipelines.commands.sleep import night_recipe
+
+    assert night_recipe("reverie", steps=None) == {}
+    assert night_recipe("reverie_fast", steps=None) == {"lr": 3e-3, "rehearsal_fraction": 0.25, "anchor_weight": 1e-2}
+    assert night_recipe("reverie_fast", steps=40, rehearsal_fraction=0.5) == {
+        "lr": 3e-3, "rehearsal_fraction": 0.5, "anchor_weight": 1e-2, "steps": 40}

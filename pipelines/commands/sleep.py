@@ -29,10 +29,17 @@ def register(subparsers) -> None:
                              "passes the same gate")
     parser.add_argument("--architecture-steps", type=int,
                         help="shared steps when --student changes the architecture (default: SleepConfig's)")
+    parser.add_argument("--recipe", choices=("reverie", "reverie_fast"), default="reverie",
+                        help="the night's recipe (model.consolidation.METHODS). reverie_fast, for a model that "
+                             "already knows its language: a quarter of the rehearsal rows (a bulk night ~1.36x "
+                             "faster, H200), lr 3e-3 and a stronger anchor; it forgets as the default does "
+                             "(tiny, 30 days: held-out bpb +19-21%%), but a barely trained one (200 steps) "
+                             "recalled none of its first night's facts with it (default: %(default)s)")
     parser.add_argument("--rehearsal-fraction", type=float, metavar="SHARE",
-                        help="rehearsal rows a step reads, a share of the replayed ones (default 1.0). 0.25 makes "
-                             "a bulk night ~1.36x faster (H200) but forgets more of what the model knew: held-out "
-                             "bpb +35-37%% by day 30 against +19-21%% (tiny; bench/NOTES.md, session 20)")
+                        help="rehearsal rows a step reads, a share of the replayed ones (default: the recipe's, "
+                             "1.0 or 0.25). 0.25 at the default's lr makes a bulk night ~1.36x faster (H200) but "
+                             "forgets more of what the model knew: held-out bpb +35-37%% by day 30 against "
+                             "+19-21%% (tiny; bench/NOTES.md, session 20)")
     parser.set_defaults(run=run)
 
 
@@ -45,10 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.settings import Settings  # noqa: PLC0415
 
     settings = Settings.load(args.config)
-    sleep_config = {key: value for key, value in (("steps", args.steps),
-                                                  ("architecture_steps", args.architecture_steps),
-                                                  ("rehearsal_fraction", args.rehearsal_fraction))
-                    if value is not None}
+    sleep_config = night_recipe(args.recipe, steps=args.steps, architecture_steps=args.architecture_steps,
+                                rehearsal_fraction=args.rehearsal_fraction)
     try:
         SleepConfig(**sleep_config)  # a bad value is named now, not after Prefect and Ray have started
     except ValueError as error:
@@ -67,3 +72,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2, default=str))
     return 0
+
+
+def night_recipe(recipe: str, **flags: object) -> dict[str, object]:
+    """The flow's `sleep_config`: the fields in which `recipe` (of model.consolidation.METHODS)
+    differs from SleepConfig's defaults, then the flags that were given (None: not given)."""
+    from model.consolidation import METHODS, SleepConfig  # noqa: PLC0415
+
+    default = SleepConfig()
+    fields = {name: value for name, value in vars(METHODS[recipe]).items() if value != getattr(default, name)}
+    return fields | {name: value for name, value in flags.items() if value is not None}
