@@ -918,16 +918,16 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
         return {"step_ms": sum(ms) / len(ms), "step_ms_median": statistics.median(ms), "step_ms_min": ms[0],
                 "step_ms_max": ms[-1], "steps_timed": len(ms)}
 
-    def per_user_night(graph: bool = False) -> dict:
+    def per_user_night(graph: bool = False, recipe: str = "reverie") -> dict:
         """The nightly recipe as the workers run it: one user's night, SleepConfig() steps.
-        graph: SleepConfig.cuda_graph."""
-        recipe = SleepConfig(cuda_graph=graph)
+        graph: SleepConfig.cuda_graph; recipe: which of model.consolidation.METHODS."""
+        night = dataclasses.replace(METHODS[recipe], cuda_graph=graph)
         texts = [interaction() for _ in range(sizes.sleep_users_texts)]
-        steps = step_times(run(recipe, texts, sizes.sleep_steps))
-        night_s = steps["step_ms"] / 1000 * recipe.steps
-        return {"preset": sizes.sleep_preset, "recipe_steps": recipe.steps, "batch_size": recipe.batch_size,
-                "seq_len": recipe.seq_len, "cuda_graph": graph, **steps, "user_night_s": night_s,
-                "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
+        steps = step_times(run(night, texts, sizes.sleep_steps))
+        night_s = steps["step_ms"] / 1000 * night.steps
+        return {"preset": sizes.sleep_preset, "recipe": recipe, "recipe_steps": night.steps,
+                "batch_size": night.batch_size, "seq_len": night.seq_len, "cuda_graph": graph, **steps,
+                "user_night_s": night_s, "interactions_per_user": len(texts), "interactions_per_s": len(texts) / night_s,
                 "definition": "one user's night (SleepConfig() steps) consolidates that user's interactions"}
 
     def shared_bulk(compile: bool = False, recipe: str = "reverie", graph: bool = False,
@@ -962,6 +962,7 @@ def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
     rec.item("per_user_night", per_user_night)
     if cuda:
         rec.item("per_user_night graphed", lambda: per_user_night(graph=True))
+        rec.item("per_user_night graphed reverie_fast", lambda: per_user_night(graph=True, recipe="reverie_fast"))
     rec.item("shared_bulk", shared_bulk)
     if cuda:
         rec.item("shared_bulk graphed", lambda: shared_bulk(graph=True))
