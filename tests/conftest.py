@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -54,10 +55,34 @@ def stop_process_group(process: subprocess.Popen, term_wait_s: float = 20.0, lin
             continue
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now and that no other process will be handed meanwhile.
+
+    The port is bound later by a server this test starts (Serve's proxy, a SuperLink, a Ray head).
+    A port the kernel assigned (bind to 0) comes from the ephemeral range, from which Ray's own
+    processes keep taking ports while they start, so one of them could take it first: a CI run
+    failed with Serve's "Failed to bind to address". Ports below that range are never handed out
+    by the kernel; the ones chosen here also lie above Ray's worker ports (10002-19999 by default).
+    """
+    low, _ = _ephemeral_port_range()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port below the ephemeral range (which starts at {low})")
 
 
 class _SerializedWrites:
