@@ -55,6 +55,9 @@ def stop_process_group(process: subprocess.Popen, term_wait_s: float = 20.0, lin
             continue
 
 
+_handed_out: set[int] = set()
+
+
 def _ephemeral_port_range() -> tuple[int, int]:
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -73,7 +76,7 @@ def free_port() -> int:
     by the kernel; the ones chosen here also lie above Ray's worker ports (10002-19999 by default).
     """
     low, _ = _ephemeral_port_range()
-    candidates = list(range(max(1024, low - 12000), low))
+    candidates = [port for port in range(max(1024, low - 12000), low) if port not in _handed_out]
     random.shuffle(candidates)
     for port in candidates:
         with socket.socket() as s:
@@ -81,6 +84,7 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)  # a test asks for several before it starts anything
             return port
     raise RuntimeError(f"no free loopback port below the ephemeral range (which starts at {low})")
 
