@@ -38,6 +38,7 @@ import requests
 
 from model.evaluation import Fact
 from pipelines.paths import local_root
+from pipelines.ports import check_port_free
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,7 @@ def run_demo(config: DemoConfig, settings: Settings) -> dict[str, Any]:
     """Run every phase; returns the report (also written to <data root>/demo/report.{json,png})."""
     from pipelines.demo_report import write_report  # noqa: PLC0415
 
+    check_port_free("127.0.0.1", config.port)
     root = local_root(settings) / "demo"
     store = root / "store"
     shutil.rmtree(store, ignore_errors=True)

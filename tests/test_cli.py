@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+
+from tests.conftest import free_port
 
 
 def reverie(*args: str, cwd, env) -> subprocess.CompletedProcess:
@@ -36,6 +39,22 @@ def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
     result = reverie("generate", "--user", "bob", "hi", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "reverie train" in result.stderr
+
+
+def test_serve_and_demo_name_a_taken_port_before_starting_ray(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["REVERIE_DATA"] = str(tmp_path / "data")
+    port = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        for command in (["serve"], ["demo"]):
+            result = reverie(*command, "--port", str(port), cwd=tmp_path, env=env)
+            assert result.returncode == 2, result.stderr
+            assert f"port {port} on 127.0.0.1 is taken" in result.stderr
+            assert "--port" in result.stderr
+            assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "demo").exists()  # nothing pretrained, nothing wiped
 
 
 def test_sleep_names_a_bad_recipe_value_before_starting_anything(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.ports import check_port_free
 from pipelines.settings import Settings
 
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from workers.serving import serve_forever
 
     settings = Settings.load(args.config)
+    if not settings.ray_address:  # a cluster's proxies bind on its nodes, not here
+        check_port_free(args.host, args.port)
     app_args = {"data_root": settings.storage.root, "preset": args.preset or settings.preset,
                 "num_replicas": args.replicas, "max_batch_size": args.max_batch_size}
     serve_forever(app_args, args.host, args.port, settings.ray_address, args.num_cpus)
