@@ -179,6 +179,9 @@ def main() -> None:
     unknown = [m for m in args.methods.split(",") if m not in known and m != "no_sleep"]
     if unknown:
         parser.error(f"unknown methods {unknown}: choose from {sorted(known)} and no_sleep, or define one with --recipe")
+    if args.users * args.days * args.facts_per_day > len(SYLLABLES) ** 2:
+        parser.error(f"{args.users} users x {args.days} days x {args.facts_per_day} facts a day need more distinct "
+                     f"names than the {len(SYLLABLES) ** 2} that two syllables make: ask for fewer")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     corpus = embedded_corpus()
