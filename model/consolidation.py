@@ -135,7 +135,8 @@ METHODS: dict[str, SleepConfig] = {
     # For a model that already knows its language (what serves users): a quarter of the rehearsal
     # rows, a bulk night ~1.36x faster (H200), with a smaller lr and a stronger anchor that make up
     # for them. From a base pretrained 2000 steps, 30 days, 3 seeds: held-out bpb +19-21% and recall
-    # 0.98-1.0, as the default's. An untrained model does not learn a night's facts with it (200-step
+    # 0.98-1.0, as the default's; at 4 facts a night the same bpb but ~2 points fewer facts recalled
+    # (session 22). An untrained model does not learn a night's facts with it (200-step
     # base: none of night one's; the tests' untrained model: 6 tests fail), so it is not the default,
     # whose lr 1e-2 also serves a freshly bootstrapped model. bench/NOTES.md, session 21.
     "reverie_fast": SleepConfig(rehearsal_fraction=0.25, lr=3e-3, anchor_weight=1e-2),
