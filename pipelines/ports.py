@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 
 
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
-    """Raise ValueError naming the port and the flag that picks another if `host:port` is taken."""
+def check_port_free(host: str, port: int) -> None:
+    """Raise ValueError naming the port, and `--port` to pick another, if `host:port` is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         # The proxy (uvicorn) sets SO_REUSEADDR, so a port a closed server left in TIME_WAIT is free to it.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -20,4 +20,4 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
         except OSError as error:
             raise ValueError(f"port {port} on {host} is taken ({error.strerror}): another server listens "
                              f"there, perhaps an earlier `reverie serve` or `reverie demo`. Stop it, or "
-                             f"pass {flag} with a free port.") from None
+                             "pass --port with a free port.") from None

@@ -58,12 +58,11 @@ def stop_process_group(process: subprocess.Popen, term_wait_s: float = 20.0, lin
 _handed_out: set[int] = set()
 
 
-def _ephemeral_port_range() -> tuple[int, int]:
+def _ephemeral_ports_start() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
@@ -75,7 +74,7 @@ def free_port() -> int:
     failed with Serve's "Failed to bind to address". Ports below that range are never handed out
     by the kernel; the ones chosen here also lie above Ray's worker ports (10002-19999 by default).
     """
-    low, _ = _ephemeral_port_range()
+    low = _ephemeral_ports_start()
     candidates = [port for port in range(max(1024, low - 12000), low) if port not in _handed_out]
     random.shuffle(candidates)
     for port in candidates:
