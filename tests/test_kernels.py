@@ -500,6 +500,17 @@ def test_gpu_suite_smoke_run_writes_every_section(tmp_path):
     assert all(check["ok"] for check in results["checks"]["items"].values()), results["checks"]
 
 
+def test_gpu_suite_summary_says_nothing_of_checks_it_did_not_run():
+    """A call that runs only some sections (the sleep's, say) must not report the checks as
+    failed: session 23's sleep-only call said checks_ok False."""
+    from bench.gpu_suite import summarize
+
+    sleep_only = {"sleep": {"items": {"shared_bulk": {"interactions_per_s": 1000.0}}}}
+    assert "checks_ok" not in summarize(sleep_only)
+    failed = {"checks": {"items": {"scan": {"ok": True}, "sleep_graph": {"ok": False}}}}
+    assert summarize(failed)["checks_ok"] is False
+
+
 def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
     """Decoding builds the stacked write rule once; a changed parameter (a new version, a delta)
     builds it again; with autograd it is built every time (its stacks belong to the graph); a
