@@ -8,8 +8,9 @@ held-out bpb is measured, and each user's facts are probed with another user's w
 
 Methods: reverie (replay + distill + the user's earlier turns replayed + corpus rehearsal + anchor),
 reverie_lean (the same with a quarter of the earlier and rehearsal rows: measured to forget some
-earlier facts), reverie_fast (a quarter of the rehearsal rows, made up for by a lower lr and a
-stronger anchor, for a model that already knows its language: a bulk night's speed lever),
+earlier facts), reverie_fast (a quarter of the rehearsal rows, made up for by a lower lr, a
+stronger anchor and earlier turns weighted 4x, for a model that already knows its language: a bulk
+night's speed lever),
 no_sleep, naive_finetune (the day's turns only), rehearsal_only (the day's turns + corpus rehearsal).
 Every method gets each user's earlier turns; only recipes with `earlier_replay` use them.
 The sleep here is `model.consolidation.sleep` called directly (the same function the Ray tasks of

@@ -71,6 +71,6 @@ def test_sleep_recipe_is_its_fields_then_the_flags_given():
     from pipelines.commands.sleep import night_recipe
 
     assert night_recipe("reverie", steps=None) == {}
-    assert night_recipe("reverie_fast", steps=None) == {"lr": 3e-3, "rehearsal_fraction": 0.25, "anchor_weight": 1e-2}
-    assert night_recipe("reverie_fast", steps=40, rehearsal_fraction=0.5) == {
-        "lr": 3e-3, "rehearsal_fraction": 0.5, "anchor_weight": 1e-2, "steps": 40}
+    fast = {"lr": 3e-3, "rehearsal_fraction": 0.25, "anchor_weight": 2e-2, "earlier_weight": 4.0}
+    assert night_recipe("reverie_fast", steps=None) == fast
+    assert night_recipe("reverie_fast", steps=40, rehearsal_fraction=0.5) == fast | {"rehearsal_fraction": 0.5, "steps": 40}
