@@ -133,7 +133,7 @@ METHODS: dict[str, SleepConfig] = {
     "rehearsal_only": SleepConfig(distill=False, earlier_replay=False, anchor=False),
     "reverie_lean": SleepConfig(earlier_fraction=0.25, rehearsal_fraction=0.25),  # forgets
     # For a model that already knows its language (what serves users): a quarter of the rehearsal
-    # rows, a bulk night ~1.36x faster (H200: 1,859-1,920 interactions/s against 1,367-1,409), with a
+    # rows, a bulk night ~1.36x faster (H200: 1,855-1,920 interactions/s against 1,367-1,409), with a
     # smaller lr and a stronger anchor that make up for them, and earlier turns weighted 4x so the
     # smaller lr still keeps old facts. From bases pretrained 2000 steps, 30 days, 3 seeds, 4 facts a
     # night: recall 0.97-1.0 on day 30 against the default's 0.93-0.98, held-out bpb +20-24% as the
