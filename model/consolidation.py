@@ -30,7 +30,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 import torch
@@ -143,6 +143,17 @@ METHODS: dict[str, SleepConfig] = {
     # bench/NOTES.md, sessions 21-23.
     "reverie_fast": SleepConfig(rehearsal_fraction=0.25, lr=3e-3, anchor_weight=2e-2, earlier_weight=4.0),
 }
+
+
+def named_recipe(name: str, **changes: object) -> SleepConfig:
+    """`METHODS[name]` with `changes`: how a flow, a command or a setting (REVERIE_SLEEP_RECIPE)
+    chooses a night by name. An unknown name or a bad value is a ValueError that says what is known."""
+    if name not in METHODS:
+        raise ValueError(f"unknown sleep recipe {name!r}; known: {', '.join(sorted(METHODS))}")
+    unknown = sorted(set(changes) - {f.name for f in fields(SleepConfig)})
+    if unknown:
+        raise ValueError(f"unknown SleepConfig fields {unknown}")
+    return replace(METHODS[name], **changes)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from model.config import ModelConfig, config_of_manifest, preset
-from model.consolidation import SleepConfig, add_delta, architecture_night, dense_delta, model_from
+from model.consolidation import SleepConfig, add_delta, architecture_night, dense_delta, model_from, named_recipe
 from model.corpus import embedded_corpus
 from model.evaluation import (GateConfig, Fact, bpb, fact_from_text, gate_failures, leakage_rate, recall_rate, recalled,
                               relative_rise)
@@ -317,8 +317,11 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
                 ray_address: str | None = None, num_workers: int | None = None, use_gpu: bool | None = None,
                 user_night_gpus: float | None = None, train_storage: str | None = None,
                 sleep_config: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
-                soft_reset_keep: float = 0.5, student: str | None = None) -> dict[str, Any]:
+                soft_reset_keep: float = 0.5, student: str | None = None, recipe: str | None = None) -> dict[str, Any]:
     """Consolidate the experience of UTC day `night` (default: yesterday) in the store at `data`.
+
+    The night's recipe is `recipe` (a name in model.consolidation.METHODS; unset: REVERIE_SLEEP_RECIPE
+    or reverie.toml's `sleep_recipe`, else "reverie") with the fields of `sleep_config` changed.
 
     `student`: None keeps the architecture; "search" or "search:<run_id>" distills into the best
     genome of that search run (see the module docstring).
@@ -332,7 +335,9 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     logger = get_run_logger()
     settings = Settings.load()
     night = night or (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
-    sleep_cfg, gate_cfg = SleepConfig(**(sleep_config or {})), GateConfig(**(gate or {}))
+    recipe = recipe or settings.sleep_recipe
+    sleep_cfg, gate_cfg = named_recipe(recipe, **(sleep_config or {})), GateConfig(**(gate or {}))
+    logger.info("night %s: recipe %s%s", night, recipe, f" with {sleep_config}" if sleep_config else "")
     state = open_night(data, night, preset_name, student=student)
     if state.promoted:
         logger.info("night %s was already promoted as %s; nothing to do", night, state.candidate)
@@ -357,7 +362,7 @@ def consolidate(night: str | None = None, data: str | None = None, preset_name: 
     if metrics["failures"]:
         raise GateFailed(f"night {night}: candidate {candidate} not promoted: " + "; ".join(metrics["failures"]))
     logger.info("night %s: %s is current (promoted by this run: %s)", night, candidate, promoted)
-    return {"night": night, "status": "promoted", "version": candidate, "promoted": promoted,
+    return {"night": night, "status": "promoted", "version": candidate, "promoted": promoted, "recipe": recipe,
             "users": users, "metrics": metrics}
 
 

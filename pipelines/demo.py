@@ -228,8 +228,10 @@ def sleep(store_uri: str, night: str, config: DemoConfig) -> dict[str, Any]:
     from pipelines.consolidate import GateFailed, consolidate  # noqa: PLC0415 - Prefect loads slowly
 
     try:
+        # The default recipe whatever REVERIE_SLEEP_RECIPE says: reverie_fast's lr is too small for a model
+        # pretrained minutes ago to learn a night's facts.
         return consolidate(night=night, data=store_uri, preset_name=config.preset, num_workers=1, use_gpu=False,
-                           sleep_config=config.sleep)
+                           sleep_config=config.sleep, recipe="reverie")
     except GateFailed as error:
         log.error("%s", error)
         return {"night": night, "status": "gate failed", "promoted": False, "failures": [str(error)]}

@@ -31,12 +31,16 @@ class Settings:
     sleep_gpu: bool = False
     # Each user's night as a Ray task on this share of a GPU (0.25: four nights share one); 0 = a CPU.
     user_night_gpus: float = 0.0
+    # The night's recipe, a name in model.consolidation.METHODS: "reverie_fast" for a model that
+    # already knows its language (a bulk night ~1.36x faster, as much kept; bench/NOTES.md, session 23).
+    sleep_recipe: str = "reverie"
     train_storage: str | None = None  # None = <local data root>/ray_train, else a local temp dir
     storage: StorageConfig = field(default_factory=StorageConfig.from_env)
 
     ENV = {"preset": "REVERIE_PRESET", "device": "REVERIE_DEVICE", "ray_address": "RAY_ADDRESS",
            "sleep_workers": "REVERIE_SLEEP_WORKERS", "sleep_gpu": "REVERIE_SLEEP_GPU",
-           "user_night_gpus": "REVERIE_USER_NIGHT_GPUS", "train_storage": "REVERIE_TRAIN_STORAGE"}
+           "user_night_gpus": "REVERIE_USER_NIGHT_GPUS", "sleep_recipe": "REVERIE_SLEEP_RECIPE",
+           "train_storage": "REVERIE_TRAIN_STORAGE"}
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> "Settings":

@@ -57,20 +57,15 @@ def test_serve_and_demo_name_a_taken_port_before_starting_ray(tmp_path):
     assert not (tmp_path / "data" / "demo").exists()  # nothing pretrained, nothing wiped
 
 
-def test_sleep_names_a_bad_recipe_value_before_starting_anything(tmp_path):
+def test_sleep_names_a_bad_recipe_before_starting_anything(tmp_path):
+    """A bad value on the command line, or a recipe name in the environment that does not exist,
+    is said at once, with what is known; nothing is started or written."""
     env = {**os.environ, "REVERIE_DATA": str(tmp_path / "data")}
     result = reverie("sleep", "--rehearsal-fraction", "0", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "rehearsal_fraction must be in (0, 1], got 0.0" in result.stdout
-    assert not (tmp_path / "data").exists()  # nothing was started or written
-
-
-def test_sleep_recipe_is_its_fields_then_the_flags_given():
-    """`reverie sleep --recipe reverie_fast` passes the flow what that recipe changes; a flag given
-    on top wins, and one not given changes nothing."""
-    from pipelines.commands.sleep import night_recipe
-
-    assert night_recipe("reverie", steps=None) == {}
-    fast = {"lr": 3e-3, "rehearsal_fraction": 0.25, "anchor_weight": 2e-2, "earlier_weight": 4.0}
-    assert night_recipe("reverie_fast", steps=None) == fast
-    assert night_recipe("reverie_fast", steps=40, rehearsal_fraction=0.5) == fast | {"rehearsal_fraction": 0.5, "steps": 40}
+    result = reverie("sleep", cwd=tmp_path, env={**env, "REVERIE_SLEEP_RECIPE": "reverie_fastest"})
+    assert result.returncode == 2
+    assert "unknown sleep recipe 'reverie_fastest'; known:" in result.stdout
+    assert "reverie_fast," in result.stdout
+    assert not (tmp_path / "data").exists()

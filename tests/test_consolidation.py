@@ -9,7 +9,7 @@ import torch
 
 from model.config import preset
 from model.consolidation import (METHODS, AnchorPull, Replay, SleepConfig, add_delta, cpu_weights, dense_delta, model_from,
-                                 personal_delta, sleep)
+                                 named_recipe, personal_delta, sleep)
 from model.corpus import embedded_corpus
 from model.evaluation import Fact, GateConfig, gate_failures, recalled
 from model.fast_state import FastState
@@ -220,3 +220,17 @@ def test_bitdelta_personal_delta_round_trips_through_dense(slept, taught):
 def test_gate_names_each_failing_threshold():
     reasons = gate_failures({"recall": 0.2, "bpb_rise": 0.5, "leakage": 0.0}, GateConfig())
     assert len(reasons) == 2 and reasons[0].startswith("recall=0.2000 below") and "bpb_rise" in reasons[1]
+
+
+def test_a_named_recipe_is_its_fields_then_the_changes_given():
+    """How the flow, `reverie sleep --recipe` and REVERIE_SLEEP_RECIPE choose a night: a change given
+    on top of the recipe wins, and a wrong name or field is an error that says what is known."""
+    fast = named_recipe("reverie_fast", steps=40)
+    assert (fast.lr, fast.anchor_weight, fast.earlier_weight, fast.rehearsal_fraction, fast.steps) == (3e-3, 2e-2, 4.0, 0.25, 40)
+    assert named_recipe("reverie") == SleepConfig()
+    with pytest.raises(ValueError, match="unknown sleep recipe 'fast'; known: .*reverie_fast"):
+        named_recipe("fast")
+    with pytest.raises(ValueError, match=r"unknown SleepConfig fields \['stepz'\]"):
+        named_recipe("reverie", stepz=3)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        named_recipe("reverie_fast", lr=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import pipelines.consolidate as nightly
-from model.consolidation import SleepConfig, add_delta, dense_delta, model_from
+from model.consolidation import METHODS, SleepConfig, add_delta, dense_delta, model_from
 from model.config import preset
 from model.evaluation import Fact, recalled
 from model.fast_state import FastState
@@ -76,6 +77,7 @@ def test_night_promotes_personal_knowledge_and_nobody_else_recalls_it(data):
                                                                                    "max_personal_bpb_rise": 1.0})
     version = result["version"]
     assert result["promoted"] and CheckpointRegistry(open_store(data)).current() == version
+    assert result["recipe"] == "reverie"  # REVERIE_SLEEP_RECIPE unset
     for user, facts in FACTS.items():
         assert sum(recalled(personal_model(data, version, user), facts)) >= len(facts) - 1 + (len(facts) == 1)
         others = [u for u in FACTS if u != user]
@@ -163,10 +165,20 @@ def test_a_night_through_ray_equals_the_night_in_process():
     assert all(torch.equal(through_ray.tensors[name], t) for name, t in here.tensors.items())
 
 
-def test_failing_gate_promotes_nothing_and_says_why(data):
+def test_failing_gate_promotes_nothing_and_says_why(data, monkeypatch):
+    """Also: REVERIE_SLEEP_RECIPE names the night's recipe, and sleep_config changes it."""
+    real, recipes = nightly.consolidate_users, []
+
+    def record_recipe(*args, **kwargs):
+        recipes.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nightly, "consolidate_users", record_recipe)
+    monkeypatch.setenv("REVERIE_SLEEP_RECIPE", "reverie_fast")
     state = nightly.consolidate(night=NIGHT, data=data, sleep_config={"steps": 2}, gate={"min_recall": 1.0},
                                 return_state=True)
     assert state.is_failed() and "recall=" in state.message
+    assert recipes == [dataclasses.replace(METHODS["reverie_fast"], steps=2)]
     registry = CheckpointRegistry(open_store(data))
     assert registry.current() == "v0001" and "v0002" in registry.versions()
 
