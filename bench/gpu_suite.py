@@ -234,6 +234,13 @@ class KVCacheGPT:
         self.k = torch.randn(shape, generator=g, device=device, dtype=dtype)  # a full context of random keys
         self.v = torch.randn(shape, generator=g, device=device, dtype=dtype)
 
+    def min_bytes(self, pos: int, weight_dtype: torch.dtype) -> int:
+        """The least a step at `pos` must read: the weights in `weight_dtype` (one row of the
+        position table) and every row's cache up to `pos`."""
+        gpt, size = self.gpt, torch.tensor([], dtype=weight_dtype).element_size()
+        weights = sum(p.numel() for p in gpt.parameters()) - gpt.pos.weight.numel() + gpt.d_model
+        return weights * size + 2 * self.k[:, :, :, :pos + 1].numel() * self.k.element_size()
+
     def step(self, byte: torch.Tensor, pos: int) -> torch.Tensor:
         """byte (b,) -> logits (b, 256)."""
         gpt = self.gpt
@@ -261,6 +268,23 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def decode_min_bytes(lm: ReverieLM, batch: int, matrix_dtype: torch.dtype) -> int:
+    """The least a decode step with learning off must read: every weight (the autocast matrices in
+    `matrix_dtype`, the rest as stored; the tied embedding is the head) and each user's state,
+    of which EM's values only the top-k rows a read weighs. The floor of the step's time is this
+    over the copy bandwidth; against `KVCacheGPT.min_bytes` it bounds how far ahead of the GPT
+    decoding can be at a batch, whatever the kernels."""
+    config = lm.config
+    matrices = lm.autocast_matrices()
+    size = torch.tensor([], dtype=matrix_dtype).element_size()
+    weights = sum(p.numel() * (size if name in matrices else p.element_size()) for name, p in lm.named_parameters())
+    state = FastState.empty(config, 1, device="meta")
+    read = ("scan_h", "wm_k", "wm_v", "wm_pos", "pm_k", "pm_v", "pm_s", "em_k", "em_s")
+    per_user = sum(getattr(state, name).numel() * getattr(state, name).element_size() for name in read)
+    per_user += config.n_blocks * config.em_topk * config.d_model * state.em_v.element_size()
+    return weights + batch * per_user
 
 
 def forward_backward_ms(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> float:
@@ -805,6 +829,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
     context = min(sizes.decode_context, gpt.pos.weight.shape[0])
     bytes_g = torch.Generator(device=device).manual_seed(5)
     cuda = device.type == "cuda"
+    matrix_dtype = torch.bfloat16 if cuda else torch.float32  # autocast's on a GPU: the matrices' and the cache's
 
     def per_second(batch: int, timing: dict) -> dict:
         return {**timing, "batch": batch, "bytes_per_s": batch / (timing["ms"] / 1000)}
@@ -813,7 +838,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
         state = warm_state(config, batch, device, seed=batch, start=context)
         byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
         if graph:
-            decode = GraphedStep(lm, batch, learn, device, capture=True, compile=compile, matrix_dtype=torch.bfloat16)
+            decode = GraphedStep(lm, batch, learn, device, capture=True, compile=compile, matrix_dtype=matrix_dtype)
             decode.load(state)
             timing = time_ms(lambda: decode(byte), device, warmup=2, repeat=sizes.decode_steps)
         else:
@@ -822,13 +847,14 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
             def step() -> None:
                 _, holder["state"] = lm.step(byte, holder["state"], learn=learn, donate_state=True)
             timing = time_ms(step, device, warmup=2, repeat=sizes.decode_steps)
-        return per_second(batch, timing)
+        return {**per_second(batch, timing), "min_bytes": decode_min_bytes(lm, batch, matrix_dtype)}
 
     def kv_gpt(batch: int, graph: bool) -> dict:
-        cache = KVCacheGPT(gpt, batch, context, device, torch.bfloat16 if cuda else torch.float32)
+        cache = KVCacheGPT(gpt, batch, context, device, matrix_dtype)
         byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
         fn = graphed(lambda: cache.step(byte, context - 1)) if graph else (lambda: cache.step(byte, context - 1))
-        return {**per_second(batch, time_ms(fn, device, warmup=2, repeat=sizes.decode_steps)), "context": context}
+        return {**per_second(batch, time_ms(fn, device, warmup=2, repeat=sizes.decode_steps)), "context": context,
+                "min_bytes": cache.min_bytes(context - 1, matrix_dtype)}
 
     def fused_write(batch: int) -> dict:
         """The Triton write alone, graphed, for every PM (then EM) instance at once, as decoding
@@ -1134,6 +1160,12 @@ def summarize(results: dict) -> dict:
         kv = gen.get(f"gpt-kv {b} {mode}") or gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}
         if ok(kv) and by.get("learn=on"):
             entry["reverie_learn_on_vs_kv_gpt"] = by["learn=on"] / kv["bytes_per_s"]
+        floor = gen.get(f"reverie {b} learn=off {mode}", {}).get("min_bytes")
+        if ok(kv) and floor and kv.get("min_bytes"):  # how far ahead a step at the copy bandwidth could be
+            entry["kv_gpt_vs_reverie_min_bytes"] = kv["min_bytes"] / floor
+        if floor and copy_tb_s and by.get("learn=off"):
+            batch = int(b.removeprefix("b="))
+            entry["reverie_off_fraction_of_floor"] = floor / (copy_tb_s * 1e12) / (batch / by["learn=off"])
         summary["generation"][f"{b} {mode}"] = entry
     sleep = results.get("sleep", {}).get("items", {})
     summary["sleep"] = {k: v["interactions_per_s"] for k, v in sleep.items() if ok(v) and "interactions_per_s" in v}
@@ -1147,6 +1179,11 @@ def summarize(results: dict) -> dict:
     if checks:  # a run without the checks section says nothing about them (it said False: session 23)
         summary["checks_ok"] = all(c.get("ok") for c in checks.values())
     return summary
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """value formatted by spec (">12,.0f"), or "-" as wide where it was not measured."""
+    return format(value, spec) if value is not None else "-".rjust(int(spec[1:].split(",")[0].split(".")[0]))
 
 
 def table(results: dict) -> str:
@@ -1169,11 +1206,12 @@ def table(results: dict) -> str:
         lines.append(f"{name:<24}{r['tokens_per_s']:>12,.0f}{mfu:>7}{r['batch']:>6}{r['step_ms']:>9.1f}{mem:>8}")
     if "training" in s:
         lines.append(f"  ratio reverie/gpt {s['training']['ratio']:.3f} (goal >= {GOALS['training_ratio']})")
-    lines.append(f"{'generation bytes/s':<24}{'learn off':>12}{'learn on':>12}{'on/off':>8}{'vs kv-gpt':>10}")
+    lines.append(f"{'generation bytes/s':<24}{'learn off':>12}{'learn on':>12}{'on/off':>8}{'vs kv-gpt':>10}"
+                 f"{'at floors':>10}{'of floor':>9}")
     for key, e in s.get("generation", {}).items():
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        lines.append(f"  {key:<22}{fmt(e.get('bytes_per_s_off'), '>12,.0f')}{fmt(e.get('bytes_per_s_on'), '>12,.0f')}"
-                     f"{fmt(e.get('learn_on_vs_off'), '>8.2f')}{fmt(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}")
+        lines.append(f"  {key:<22}{_cell(e.get('bytes_per_s_off'), '>12,.0f')}{_cell(e.get('bytes_per_s_on'), '>12,.0f')}"
+                     f"{_cell(e.get('learn_on_vs_off'), '>8.2f')}{_cell(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}"
+                     f"{_cell(e.get('kv_gpt_vs_reverie_min_bytes'), '>10.2f')}{_cell(e.get('reverie_off_fraction_of_floor'), '>9.1%')}")
     for name, r in results.get("generation", {}).get("items", {}).items():
         if name.startswith("fused_write") and "error" not in r:
             lines.append(f"  {name}: " + ", ".join(f"{case} {v['ms'] * 1000:.0f} us {v['gb_s']:.0f} GB/s"
