@@ -224,12 +224,14 @@ class WriteRule(NamedTuple):
 
 
 def one_query_compiled(queries: torch.Tensor) -> bool:
-    """Whether a read's products run spelled out: one query a row (decoding), under torch.compile.
-    As a product with the slots, cuBLAS runs each as a batched GEMV of its own, two launches a PM
-    read and one for EM's scores (H200, `base`, 64 users, compiled: 36 GEMV launches, 0.17 ms of a
-    0.80-ms step of kernels, where PM's bytes take under a microsecond a layer); as products and
-    sums inductor fuses them with the ops around them. Eagerly the GEMV is one launch against two."""
-    return queries.shape[-2] == 1 and torch.compiler.is_compiling()
+    """Whether a read's products run spelled out: one query a row without autograd (decoding),
+    under torch.compile. As a product with the slots, cuBLAS runs each as a batched GEMV of its
+    own, two launches a PM read and one for EM's scores (H200, `base`, 64 users, compiled: 36 of
+    the step's 294 kernels, where PM's bytes take under a microsecond a layer); as products and
+    sums inductor fuses them with the ops around them (session 24: 278 kernels; b=1 and b=16
+    decoding +8-18%, b=64 +0-6%). Eagerly the GEMV is one launch against two; with autograd
+    (training's and the sleep's compiled writes) the products stay, as they were timed."""
+    return queries.shape[-2] == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
 
 
 def slot_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
