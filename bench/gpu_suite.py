@@ -1211,7 +1211,8 @@ def table(results: dict) -> str:
     for key, e in s.get("generation", {}).items():
         lines.append(f"  {key:<22}{_cell(e.get('bytes_per_s_off'), '>12,.0f')}{_cell(e.get('bytes_per_s_on'), '>12,.0f')}"
                      f"{_cell(e.get('learn_on_vs_off'), '>8.2f')}{_cell(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}"
-                     f"{_cell(e.get('kv_gpt_vs_reverie_min_bytes'), '>10.2f')}{_cell(e.get('reverie_off_fraction_of_floor'), '>9.1%')}")
+                     f"{_cell(e.get('kv_gpt_vs_reverie_min_bytes'), '>10.2f')}"
+                     f"{_cell(e.get('reverie_off_fraction_of_floor'), '>9.1%')}")
     for name, r in results.get("generation", {}).get("items", {}).items():
         if name.startswith("fused_write") and "error" not in r:
             lines.append(f"  {name}: " + ", ".join(f"{case} {v['ms'] * 1000:.0f} us {v['gb_s']:.0f} GB/s"
