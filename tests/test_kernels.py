@@ -532,6 +532,23 @@ def test_gpu_suite_summary_says_nothing_of_checks_it_did_not_run():
     assert summarize(failed)["checks_ok"] is False
 
 
+def test_gpu_suite_summary_puts_decoding_beside_its_byte_floors():
+    """The GPT's floor over Reverie's, and Reverie's step against the time its bytes take at the
+    copy bandwidth measured in the same run."""
+    from bench.gpu_suite import decode_min_bytes, summarize
+
+    floor = decode_min_bytes(ReverieLM(preset("tiny")), 4, torch.float32)
+    assert floor > decode_min_bytes(ReverieLM(preset("tiny")), 1, torch.float32)
+    results = {"bandwidth": {"items": {"copy": {"tb_s": 2.0}}},
+               "generation": {"items": {"reverie b=4 learn=off graph": {"bytes_per_s": 4000.0, "min_bytes": 1e9},
+                                        "reverie b=4 learn=on graph": {"bytes_per_s": 3000.0, "min_bytes": 1e9},
+                                        "gpt-kv b=4 graph": {"bytes_per_s": 1000.0, "min_bytes": 3e9}}}}
+    entry = summarize(results)["generation"]["b=4 graph"]
+    assert entry["kv_gpt_vs_reverie_min_bytes"] == pytest.approx(3.0)
+    assert entry["reverie_learn_on_vs_kv_gpt"] == pytest.approx(3.0)
+    assert entry["reverie_off_fraction_of_floor"] == pytest.approx(0.5)  # 0.5 ms of bytes in a 1-ms step
+
+
 def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
     """Decoding builds the stacked write rule once; a changed parameter (a new version, a delta)
     builds it again; with autograd it is built every time (its stacks belong to the graph); a
