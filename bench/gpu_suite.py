@@ -13,8 +13,8 @@ finish, so a hang, a crash or an out-of-memory error loses only the rest of its 
                 writes eager or compiled (model.memory.compiled_writes); last, with float8 GEMMs
     generation  decoding one byte per user with per-user states, batch 1/16/64/256, learn off/on,
                 eager and CUDA-graphed (and the graphed step compiled first at the two largest, or
-                the --compiled-batches largest), vs
-                the GPT with a KV cache at 2K context
+                the --compiled-batches largest), vs the GPT with a KV cache at 2K context in the
+                same modes (compiled too where Reverie's step is), and each against its byte floor
     sleep       model.consolidation.consolidate on synthetic replay: interactions per second (one
                 user's night; a shared bulk batch eager, graphed, compiled, lean, with float8, at
                 twice the batch, with half the rehearsal rows, and reverie_fast's quarter)
@@ -849,10 +849,13 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
             timing = time_ms(step, device, warmup=2, repeat=sizes.decode_steps)
         return {**per_second(batch, timing), "min_bytes": decode_min_bytes(lm, batch, matrix_dtype)}
 
-    def kv_gpt(batch: int, graph: bool) -> dict:
+    def kv_gpt(batch: int, graph: bool, compile: bool = False) -> dict:
+        """compile: the step through torch.compile before its graph, as Reverie's compiled items
+        (before session 24 only the graphed step was the baseline, also for them)."""
         cache = KVCacheGPT(gpt, batch, context, device, matrix_dtype)
         byte = torch.randint(0, 256, (batch,), generator=bytes_g, device=device)
-        fn = graphed(lambda: cache.step(byte, context - 1)) if graph else (lambda: cache.step(byte, context - 1))
+        step = torch.compile(cache.step, dynamic=False) if compile else cache.step
+        fn = graphed(lambda: step(byte, context - 1)) if graph else (lambda: step(byte, context - 1))
         return {**per_second(batch, time_ms(fn, device, warmup=2, repeat=sizes.decode_steps)), "context": context,
                 "min_bytes": cache.min_bytes(context - 1, matrix_dtype)}
 
@@ -901,6 +904,7 @@ def section_generation(sizes: Sizes, device: torch.device, rec: Recorder) -> Non
                 for learn in (False, True):
                     rec.item(f"reverie b={batch} learn={'on' if learn else 'off'} graph+compile",
                              lambda b=batch, on=learn: reverie(b, on, True, compile=True), min_left_s=40)
+                rec.item(f"gpt-kv b={batch} graph+compile", lambda b=batch: kv_gpt(b, True, compile=True), min_left_s=20)
 
 
 def section_sleep(sizes: Sizes, device: torch.device, rec: Recorder) -> None:
@@ -1160,6 +1164,9 @@ def summarize(results: dict) -> dict:
         kv = gen.get(f"gpt-kv {b} {mode}") or gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}
         if ok(kv) and by.get("learn=on"):
             entry["reverie_learn_on_vs_kv_gpt"] = by["learn=on"] / kv["bytes_per_s"]
+            uncompiled = gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}
+            if "+" in mode and ok(uncompiled) and uncompiled is not kv:  # the baseline as sessions 10-23 had it
+                entry["reverie_learn_on_vs_kv_gpt_uncompiled"] = by["learn=on"] / uncompiled["bytes_per_s"]
         floor = gen.get(f"reverie {b} learn=off {mode}", {}).get("min_bytes")
         if ok(kv) and floor and kv.get("min_bytes"):  # how far ahead a step at the copy bandwidth could be
             entry["kv_gpt_vs_reverie_min_bytes"] = kv["min_bytes"] / floor

@@ -547,6 +547,13 @@ def test_gpu_suite_summary_puts_decoding_beside_its_byte_floors():
     assert entry["kv_gpt_vs_reverie_min_bytes"] == pytest.approx(3.0)
     assert entry["reverie_learn_on_vs_kv_gpt"] == pytest.approx(3.0)
     assert entry["reverie_off_fraction_of_floor"] == pytest.approx(0.5)  # 0.5 ms of bytes in a 1-ms step
+    # A compiled Reverie step is held against the compiled GPT where it ran, the graphed one beside it.
+    items = results["generation"]["items"]
+    items |= {name.replace("graph", "graph+compile"): r for name, r in items.items()}
+    items["gpt-kv b=4 graph+compile"] = {"bytes_per_s": 1500.0, "min_bytes": 3e9}
+    entry = summarize(results)["generation"]["b=4 graph+compile"]
+    assert entry["reverie_learn_on_vs_kv_gpt"] == pytest.approx(2.0)
+    assert entry["reverie_learn_on_vs_kv_gpt_uncompiled"] == pytest.approx(3.0)
 
 
 def test_the_write_rule_is_kept_without_autograd_until_a_parameter_changes():
