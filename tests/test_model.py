@@ -443,6 +443,25 @@ def test_a_decode_step_holds_its_write_rules_and_sees_neuromodulators_loaded_in_
             neuromodulator.bias.copy_(original)
 
 
+def test_a_compiled_decode_step_equals_the_eager_one_across_span_ends(tiny_model):
+    """`GraphedStep(compile=True)` (inductor; serving's `DecodeGraphConfig.compile`, the GPU suite's
+    graph+compile items) reads and writes as the eager step does: compiled, the memories' one-query
+    products run spelled out (`model.memory.slot_scores`). Both users close a span at the first byte."""
+    from model.decode_graph import GraphedStep
+
+    state = tiny_model(random_bytes(2, TINY.span - 1, seed=5))[1]
+    byte = torch.tensor([3, 90])
+    eager, compiled = (GraphedStep(tiny_model, 2, True, torch.device("cpu"), capture=False, compile=c)
+                       for c in (False, True))
+    with torch.no_grad():
+        for step in (eager, compiled):
+            step.load(state)
+        for _ in range(3):
+            torch.testing.assert_close(compiled(byte), eager(byte), rtol=1e-5, atol=1e-5)
+    for name, tensor in eager.state(2).tensors().items():
+        torch.testing.assert_close(compiled.state(2).tensors()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_a_decode_step_holding_its_matrices_in_bf16_equals_autocast_and_sees_weights_loaded_in_place(tiny_model):
     """GraphedStep(matrix_dtype=bf16) under autocast: the casts autocast would make at every step
     are made once a batch (`load`), so the step must give autocast's logits, also after a weight
