@@ -229,8 +229,8 @@ def one_query_compiled(queries: torch.Tensor) -> bool:
     own, two launches a PM read and one for EM's scores (H200, `base`, 64 users, compiled: 36 of
     the step's 294 kernels, where PM's bytes take under a microsecond a layer); as products and
     sums inductor fuses them with the ops around them (session 24: 278 kernels, and decoding at
-    b=1-64 2-15% faster than session 19's step). Eagerly the GEMV is one launch against two; with autograd
-    (training's and the sleep's compiled writes) the products stay, as they were timed."""
+    b=1-64 2-15% faster than session 19's step). Eagerly the GEMV is one launch against two; with
+    autograd (training's and the sleep's compiled writes) the products stay, as they were timed."""
     return queries.shape[-2] == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
 
 
