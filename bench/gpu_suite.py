@@ -1161,11 +1161,11 @@ def summarize(results: dict) -> dict:
         entry = {"bytes_per_s_off": by.get("learn=off"), "bytes_per_s_on": by.get("learn=on")}
         if by.get("learn=off") and by.get("learn=on"):
             entry["learn_on_vs_off"] = by["learn=on"] / by["learn=off"]
-        kv = gen.get(f"gpt-kv {b} {mode}") or gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}
+        uncompiled = gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}  # the baseline as sessions 10-23 had it
+        kv = gen.get(f"gpt-kv {b} {mode}") or uncompiled
         if ok(kv) and by.get("learn=on"):
             entry["reverie_learn_on_vs_kv_gpt"] = by["learn=on"] / kv["bytes_per_s"]
-            uncompiled = gen.get(f"gpt-kv {b} {mode.split('+')[0]}") or {}
-            if "+" in mode and ok(uncompiled) and uncompiled is not kv:  # the baseline as sessions 10-23 had it
+            if ok(uncompiled) and uncompiled is not kv:
                 entry["reverie_learn_on_vs_kv_gpt_uncompiled"] = by["learn=on"] / uncompiled["bytes_per_s"]
         floor = gen.get(f"reverie {b} learn=off {mode}", {}).get("min_bytes")
         if ok(kv) and floor and kv.get("min_bytes"):  # how far ahead a step at the copy bandwidth could be
