@@ -26,14 +26,18 @@ Writes bench/results/gpu.json (and $OUT/gpu.json when OUT is set) and prints a s
 
 On the device, with the image's torch and Triton (the scan and memory kernels are Triton:
 model/scan_kernel.py, model/loop_kernel.py, model/write_kernel.py), every section takes more than
-one 10-minute call; two calls of ~6 minutes each (the checks alone ~200 s, most of it compiling):
+one 10-minute call; two calls of 7-9 minutes each (the checks alone ~200 s, most of it compiling;
+each compiled decoding batch ~80 s), each writing its own file:
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --sections checks,training,sleep \
-        --train-variants gpt-compile,reverie-graph-compiled --budget training=110 --budget sleep=110
-    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --sections bandwidth,generation,bitdelta
+        --train-variants gpt-compile,reverie-graph-compiled --budget training=110 --budget sleep=130 \
+        --out $OUT/call1.json
+    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --sections bandwidth,generation,bitdelta \
+        --compiled-batches 4 --budget generation=420 --out $OUT/call2.json
 
-then merge $OUT/gpu.json into bench/results/gpu.json (bench/NOTES.md says how). Without Triton
-the scan falls back to the log-depth torch scan (recorded as scan_backend).
+then join them into one device's results with `python bench/gpu_merge.py call1.json call2.json`
+(it writes bench/results/gpu.json, the H100's figures). Without Triton the scan falls back to the
+log-depth torch scan (recorded as scan_backend).
 """
 
 from __future__ import annotations
@@ -1203,14 +1207,14 @@ def table(results: dict) -> str:
         lines.append(f"copy {bw['copy']['tb_s']:.2f} TB/s   matmul {matmul:.0f} TFLOP/s")
     checks = results.get("checks", {}).get("items", {})
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAIL'}" for k, v in checks.items()))
-    lines.append(f"{'training':<24}{'tokens/s':>12}{'MFU':>7}{'batch':>6}{'step ms':>9}{'mem GB':>8}")
+    lines.append(f"{'training':<30}{'tokens/s':>12}{'MFU':>7}{'batch':>6}{'step ms':>9}{'mem GB':>8}")
     for name, r in results.get("training", {}).get("items", {}).items():
         if "error" in r:
-            lines.append(f"{name:<24}ERROR {r['error'][:70]}")
+            lines.append(f"{name:<30}ERROR {r['error'][:70]}")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
-        lines.append(f"{name:<24}{r['tokens_per_s']:>12,.0f}{mfu:>7}{r['batch']:>6}{r['step_ms']:>9.1f}{mem:>8}")
+        lines.append(f"{name:<30}{r['tokens_per_s']:>12,.0f}{mfu:>7}{r['batch']:>6}{r['step_ms']:>9.1f}{mem:>8}")
     if "training" in s:
         lines.append(f"  ratio reverie/gpt {s['training']['ratio']:.3f} (goal >= {GOALS['training_ratio']})")
     lines.append(f"{'generation bytes/s':<24}{'learn off':>12}{'learn on':>12}{'on/off':>8}{'vs kv-gpt':>10}"
