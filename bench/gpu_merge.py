@@ -53,16 +53,16 @@ def merge_calls(calls: list[tuple[str, dict]]) -> tuple[dict, list[str]]:
     if len(devices) > 1:
         raise MergeError(f"the calls ran on {sorted(devices)}: one results file holds one device's "
                          f"figures (gpu.json the H100's, gpu_h200.json the H200's); merge each device's calls apart")
-    merged: dict = {}
+    sections: dict = {}  # in the suite's order
     origin: dict[str, str] = {}
-    for name, results in calls:
-        for section in SECTIONS:
+    for section in SECTIONS:
+        for name, results in calls:
             new = results.get(section)
-            if new is None or (section in merged and not new.get("items")):
+            if new is None or (section in sections and not new.get("items")):
                 continue
-            merged[section], origin[section] = new, name
-    if not merged:
-        raise MergeError("none of the calls holds a section with measured items: nothing to merge")
+            sections[section], origin[section] = new, name
+    if not sections:
+        raise MergeError(f"none of the calls holds a section of the suite ({', '.join(SECTIONS)}): nothing to merge")
     runs = [{"file": name, "sections": [s for s in SECTIONS if s in results], "device": results["meta"]["device"],
              "torch": results["meta"].get("torch"), "started": results["meta"].get("started"),
              "total_s": results["meta"].get("total_s"), "sizes": results["meta"].get("sizes")}
@@ -70,10 +70,9 @@ def merge_calls(calls: list[tuple[str, dict]]) -> tuple[dict, list[str]]:
     torch_versions = sorted({run["torch"] for run in runs if run["torch"]})
     merged = {"meta": {"device": devices.pop(), "torch": ", ".join(torch_versions), "smoke": False,
                        "started": min((run["started"] for run in runs if run["started"]), default=None),
-                       "total_s": sum(run["total_s"] or 0.0 for run in runs), "runs": runs},
-              **{section: merged[section] for section in SECTIONS if section in merged}}
+                       "total_s": sum(run["total_s"] or 0.0 for run in runs), "runs": runs}, **sections}
     merged["summary"] = summarize(merged)
-    return merged, [f"{section:<11} from {origin[section]}" for section in SECTIONS if section in origin]
+    return merged, [f"{section:<11} from {name}" for section, name in origin.items()]
 
 
 def main() -> None:
