@@ -241,9 +241,9 @@ class KVCacheGPT:
     def min_bytes(self, pos: int, weight_dtype: torch.dtype) -> int:
         """The least a step at `pos` must read: the weights in `weight_dtype` (one row of the
         position table) and every row's cache up to `pos`."""
-        gpt, size = self.gpt, torch.tensor([], dtype=weight_dtype).element_size()
+        gpt = self.gpt
         weights = sum(p.numel() for p in gpt.parameters()) - gpt.pos.weight.numel() + gpt.d_model
-        return weights * size + 2 * self.k[:, :, :, :pos + 1].numel() * self.k.element_size()
+        return weights * weight_dtype.itemsize + 2 * self.k[:, :, :, :pos + 1].numel() * self.k.element_size()
 
     def step(self, byte: torch.Tensor, pos: int) -> torch.Tensor:
         """byte (b,) -> logits (b, 256)."""
@@ -282,8 +282,8 @@ def decode_min_bytes(lm: ReverieLM, batch: int, matrix_dtype: torch.dtype) -> in
     decoding can be at a batch, whatever the kernels."""
     config = lm.config
     matrices = lm.autocast_matrices()
-    size = torch.tensor([], dtype=matrix_dtype).element_size()
-    weights = sum(p.numel() * (size if name in matrices else p.element_size()) for name, p in lm.named_parameters())
+    weights = sum(p.numel() * (matrix_dtype.itemsize if name in matrices else p.element_size())
+                  for name, p in lm.named_parameters())
     state = FastState.empty(config, 1, device="meta")
     read = ("scan_h", "wm_k", "wm_v", "wm_pos", "pm_k", "pm_v", "pm_s", "em_k", "em_s")
     per_user = sum(getattr(state, name).numel() * getattr(state, name).element_size() for name in read)
@@ -1192,9 +1192,9 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def _cell(value: float | None, spec: str) -> str:
-    """value formatted by spec (">12,.0f"), or "-" as wide where it was not measured."""
-    return format(value, spec) if value is not None else "-".rjust(int(spec[1:].split(",")[0].split(".")[0]))
+def _cell(value: float | None, width: int, spec: str) -> str:
+    """value formatted by spec (",.0f") right-aligned in width, or "-" there where it was not measured."""
+    return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
 
 
 def table(results: dict) -> str:
@@ -1220,10 +1220,10 @@ def table(results: dict) -> str:
     lines.append(f"{'generation bytes/s':<24}{'learn off':>12}{'learn on':>12}{'on/off':>8}{'vs kv-gpt':>10}"
                  f"{'at floors':>10}{'of floor':>9}")
     for key, e in s.get("generation", {}).items():
-        lines.append(f"  {key:<22}{_cell(e.get('bytes_per_s_off'), '>12,.0f')}{_cell(e.get('bytes_per_s_on'), '>12,.0f')}"
-                     f"{_cell(e.get('learn_on_vs_off'), '>8.2f')}{_cell(e.get('reverie_learn_on_vs_kv_gpt'), '>10.2f')}"
-                     f"{_cell(e.get('kv_gpt_vs_reverie_min_bytes'), '>10.2f')}"
-                     f"{_cell(e.get('reverie_off_fraction_of_floor'), '>9.1%')}")
+        lines.append(f"  {key:<22}{_cell(e.get('bytes_per_s_off'), 12, ',.0f')}{_cell(e.get('bytes_per_s_on'), 12, ',.0f')}"
+                     f"{_cell(e.get('learn_on_vs_off'), 8, '.2f')}{_cell(e.get('reverie_learn_on_vs_kv_gpt'), 10, '.2f')}"
+                     f"{_cell(e.get('kv_gpt_vs_reverie_min_bytes'), 10, '.2f')}"
+                     f"{_cell(e.get('reverie_off_fraction_of_floor'), 9, '.1%')}")
     for name, r in results.get("generation", {}).get("items", {}).items():
         if name.startswith("fused_write") and "error" not in r:
             lines.append(f"  {name}: " + ", ".join(f"{case} {v['ms'] * 1000:.0f} us {v['gb_s']:.0f} GB/s"
